@@ -1,0 +1,101 @@
+"""The Parquet code store: one row per image, codes as a fixed-size list of uint16 (row-major H x W).
+
+File metadata carries the grid shape, codebook size, the VQ-VAE checkpoint's sha256 and the
+prepared data's hash, so a prior never trains on codes from another model by accident.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .io import atomic_path
+
+META_KEY = b"vqprior"
+
+
+@dataclass
+class CodeGrid:
+    codes: np.ndarray  # N x H x W uint16
+    labels: np.ndarray  # N int64, -1 where unknown
+    index: np.ndarray  # N int64, row in the prepared split
+    meta: dict
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.meta["grid_height"], self.meta["grid_width"]
+
+    @property
+    def codebook_size(self) -> int:
+        return self.meta["codebook_size"]
+
+
+def code_schema(meta: dict) -> pa.Schema:
+    length = meta["grid_height"] * meta["grid_width"]
+    return pa.schema(
+        [
+            ("split", pa.string()),
+            ("index", pa.int64()),
+            ("label", pa.int16()),
+            ("codes", pa.list_(pa.uint16(), length)),
+        ],
+        metadata={META_KEY: json.dumps(meta).encode()},
+    )
+
+
+class CodeWriter:
+    """Streams batches into row groups of one Parquet file, renamed into place on success."""
+
+    def __init__(self, path: str | Path, split: str, meta: dict):
+        self.split, self.meta = split, meta
+        self.schema = code_schema(meta)
+        self._atomic = atomic_path(path)
+        self._tmp = self._atomic.__enter__()
+        self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        self.rows = 0
+
+    def write(self, codes: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
+        n = len(codes)
+        flat = codes.reshape(n, -1).astype(np.uint16)
+        if flat.shape[1] != self.meta["grid_height"] * self.meta["grid_width"]:
+            raise ValueError(f"codes of shape {codes.shape[1:]} do not match the grid {self.meta['grid_height']}x{self.meta['grid_width']}")
+        batch = pa.record_batch(
+            [
+                pa.array([self.split] * n, pa.string()),
+                pa.array(index.astype(np.int64)),
+                pa.array(np.where(labels < 0, None, labels).tolist() if (labels < 0).any() else labels.astype(np.int16), pa.int16()),
+                pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
+            ],
+            schema=self.schema,
+        )
+        self._writer.write_batch(batch)
+        self.rows += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._writer.close()
+        return self._atomic.__exit__(exc_type, exc, tb)
+
+
+def read_meta(path: str | Path) -> dict:
+    return json.loads(pq.read_schema(path).metadata[META_KEY])
+
+
+def read_codes(path: str | Path) -> CodeGrid:
+    """Whole file to arrays, without a Python loop per row."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; run `dvc repro extract_codes` first")
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[META_KEY])
+    h, w = meta["grid_height"], meta["grid_width"]
+    flat = table.column("codes").combine_chunks().flatten().to_numpy()
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    labels = np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64)
+    return CodeGrid(flat.reshape(len(table), h, w), labels, table.column("index").to_numpy(), meta)

@@ -1,0 +1,154 @@
+"""Typed params: one pydantic model per section of params.yaml.
+
+`load_params()` validates the whole file so that a typo anywhere fails at start-up
+with the key's dotted name, before any heavy work.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(SystemExit):
+    """A bad params file: exits with one line naming the key and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: Literal["fashion_mnist"] = "fashion_mnist"
+    root: str | None = None  # folder with the IDX .gz files, looked at first
+    download: bool = True  # fall back to torchvision's download if no local copy exists
+
+
+class ComputeParams(Section):
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+
+
+class PrepareParams(Section):
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    max_train: int | None = Field(None, ge=100, description="subset of the train split (smoke runs)")
+    max_test: int | None = Field(None, ge=50, description="subset of the test split (smoke runs)")
+    drop_duplicates: bool = True
+
+
+class TrainParams(Section):
+    """Optimisation knobs shared by the VQ-VAE and the prior."""
+
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
+    patience: int = Field(3, ge=1, description="epochs without val improvement before stopping")
+
+
+class VQVAEModelParams(Section):
+    channels: int = Field(64, ge=8)
+    res_blocks: int = Field(2, ge=0)
+    downsamples: int = Field(2, ge=1, le=4)
+    codebook_size: int = Field(256, ge=2, le=65535)  # codes are stored as uint16
+    code_dim: int = Field(32, ge=2)
+    ema_decay: float = Field(0.99, gt=0, lt=1)
+    commitment: float = Field(0.25, ge=0)
+    dead_code_steps: int = Field(50, ge=1, description="steps unused before a code is restarted")
+
+
+class TrainVQVAEParams(Section):
+    model: VQVAEModelParams = VQVAEModelParams()
+    train: TrainParams = TrainParams()
+
+
+class ExtractCodesParams(Section):
+    batch_size: int = Field(1024, ge=1)
+
+
+class PriorModelParams(Section):
+    d_model: int = Field(256, ge=16)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})")
+        return self
+
+
+class TrainPriorParams(Section):
+    model: PriorModelParams = PriorModelParams()
+    train: TrainParams = TrainParams()
+
+
+class SampleParams(Section):
+    num_samples: int = Field(2000, ge=1)
+    batch_size: int = Field(250, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus sampling")
+
+
+class EvaluateParams(Section):
+    num_reference: int = Field(2000, ge=2, description="test images used as the real set")
+    batch_size: int = Field(50, ge=1)
+    prc_neighborhood: int = Field(3, ge=1, description="k of the k-NN precision/recall")
+
+
+class TrackingParams(Section):
+    experiment: str = "vqprior"
+
+
+class Params(Section):
+    seed: int = Field(1234, ge=0)
+    data: DataParams = DataParams()
+    compute: ComputeParams = ComputeParams()
+    prepare: PrepareParams = PrepareParams()
+    train_vqvae: TrainVQVAEParams = TrainVQVAEParams()
+    extract_codes: ExtractCodesParams = ExtractCodesParams()
+    train_prior: TrainPriorParams = TrainPriorParams()
+    sample: SampleParams = SampleParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+
+def _describe(error: dict) -> str:
+    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{key}'"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"'{key}': {error['msg']}{shown}"
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ParamsError(f"{source}: {_describe(first)}{more}; fix it and run again") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path} not found; run from the project root or copy a file from profiles/")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return parse_params(raw, str(path))

@@ -1,0 +1,125 @@
+"""The prepared image store (one Parquet file per split) and the pixel normalisation.
+
+Pixels are stored as uint8 (4x smaller than floats, exact); the normalisation to [-1, 1]
+is applied when batches are loaded, and `stats.json` records it so decoding can invert it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from ..io import atomic_path
+
+ROW_GROUP = 8192
+
+
+@dataclass
+class ImageSplit:
+    images: np.ndarray  # N x H x W x C uint8
+    labels: np.ndarray  # N int64 (-1 where unknown)
+    index: np.ndarray  # N int64, row in the prepared split
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+
+def image_schema(height: int, width: int, channels: int) -> pa.Schema:
+    meta = {b"height": str(height).encode(), b"width": str(width).encode(), b"channels": str(channels).encode()}
+    return pa.schema(
+        [
+            ("index", pa.int64()),
+            ("label", pa.int16()),
+            ("pixels", pa.list_(pa.uint8(), height * width * channels)),
+        ],
+        metadata=meta,
+    )
+
+
+def write_images(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
+    n, h, w, c = images.shape
+    schema = image_schema(h, w, c)
+    flat = np.ascontiguousarray(images).reshape(n, -1)
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for start in range(0, n, ROW_GROUP):
+            stop = min(n, start + ROW_GROUP)
+            pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat[start:stop].ravel()), h * w * c)
+            batch = pa.record_batch(
+                [pa.array(np.arange(start, stop)), pa.array(labels[start:stop].astype(np.int16)), pixels],
+                schema=schema,
+            )
+            writer.write_batch(batch)
+
+
+def read_images(path: str | Path, limit: int | None = None) -> ImageSplit:
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; run `dvc repro prepare` first")
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    try:
+        h, w, c = (int(meta[k]) for k in (b"height", b"width", b"channels"))
+    except KeyError:
+        raise SystemExit(f"error: {path} lacks height/width/channels metadata; re-run `dvc repro prepare`") from None
+    if limit is not None:
+        table = table.slice(0, limit)
+    pixels = table.column("pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    labels = table.column("label").to_numpy(zero_copy_only=False)
+    return ImageSplit(
+        images=pixels.reshape(len(table), h, w, c),
+        labels=np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64),
+        index=table.column("index").to_numpy(),
+    )
+
+
+def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
+    x = torch.as_tensor(images)
+    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float N x C x H x W in [-1, 1] -> uint8 N x C x H x W (the layout torch-fidelity expects)."""
+    return x.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def channel_stats(images: np.ndarray) -> dict:
+    x = images.astype(np.float64) / 255.0
+    return {"mean": x.mean(axis=(0, 1, 2)).tolist(), "std": x.std(axis=(0, 1, 2)).tolist()}
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_stats(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / "stats.json").read_text())
+
+
+def iter_image_batches(path: str | Path, batch_size: int):
+    """Stream (images N x H x W x C uint8, labels, index) batches from a prepared split: memory stays flat."""
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; run `dvc repro prepare` first")
+    pf = pq.ParquetFile(path)
+    meta = pf.schema_arrow.metadata
+    h, w, c = (int(meta[k]) for k in (b"height", b"width", b"channels"))
+    for batch in pf.iter_batches(batch_size=batch_size):
+        pixels = batch.column("pixels").flatten().to_numpy(zero_copy_only=False)
+        labels = batch.column("label").to_numpy(zero_copy_only=False)
+        yield (pixels.reshape(len(batch), h, w, c), np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64),
+               batch.column("index").to_numpy())

@@ -1,0 +1,97 @@
+"""Decoder-only Transformer prior over flattened code grids (pre-LayerNorm, nanoGPT-style).
+
+The sequence is [START, c_0, ..., c_{L-1}]; position t predicts c_t. START is token `vocab`.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PriorModelParams
+
+KVCache = list  # one (keys, values) pair per layer, each B x heads x T x head_dim
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x, past=None):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        # with a cache the new query is the last position and may see every key: no mask needed
+        causal = past is None and t > 1
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d)), (k, v)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = SelfAttention(d, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, past=None):
+        a, present = self.attn(self.ln1(x), past)
+        x = x + self.drop(a)
+        return x + self.mlp(self.ln2(x)), present
+
+
+class Prior(nn.Module):
+    def __init__(self, p: PriorModelParams, vocab: int, length: int):
+        super().__init__()
+        self.config, self.vocab, self.length = p, vocab, length
+        self.tok = nn.Embedding(vocab + 1, p.d_model)  # +1: the START token
+        self.pos = nn.Embedding(length, p.d_model)
+        self.drop = nn.Dropout(p.dropout)
+        self.blocks = nn.ModuleList(Block(p.d_model, p.n_heads, p.dropout) for _ in range(p.n_layers))
+        self.ln = nn.LayerNorm(p.d_model)
+        self.head = nn.Linear(p.d_model, vocab, bias=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, tokens: torch.Tensor, past: KVCache | None = None):
+        """tokens B x T (START first when past is None) -> logits B x T x vocab, new cache."""
+        start = 0 if past is None else past[0][0].shape[2]
+        pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
+        x = self.drop(self.tok(tokens) + self.pos(pos))
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if past is None else past[i])
+            presents.append(kv)
+        return self.head(self.ln(x)), presents
+
+    def with_start(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes B x L -> inputs B x L ([START, c_0 .. c_{L-2}])."""
+        start = torch.full((codes.shape[0], 1), self.vocab, dtype=torch.long, device=codes.device)
+        return torch.cat([start, codes[:, :-1].long()], dim=1)
+
+    def loss(self, codes: torch.Tensor):
+        logits, _ = self(self.with_start(codes))
+        logits = logits.float()
+        target = codes.long()
+        nll = F.cross_entropy(logits.reshape(-1, self.vocab), target.reshape(-1))
+        top5 = logits.topk(5, dim=-1).indices
+        stats = {
+            "nll": nll.detach(),
+            "top1": (top5[..., 0] == target).float().mean(),
+            "top5": (top5 == target.unsqueeze(-1)).any(-1).float().mean(),
+        }
+        return nll, stats

@@ -1,0 +1,82 @@
+"""Vector quantiser with an EMA codebook, data-driven initialisation and dead-code restart."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class EMAQuantizer(nn.Module):
+    def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, commitment: float = 0.25,
+                 dead_code_steps: int = 50, eps: float = 1e-5):
+        super().__init__()
+        self.codebook_size, self.dim = codebook_size, dim
+        self.decay, self.commitment, self.dead_code_steps, self.eps = decay, commitment, dead_code_steps, eps
+        self.register_buffer("codebook", torch.randn(codebook_size, dim) * 0.1)
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_sum", self.codebook.clone())
+        self.register_buffer("steps_unused", torch.zeros(codebook_size, dtype=torch.long))
+        self.register_buffer("initialised", torch.tensor(False))
+        self.restarts = 0  # dead-code restarts since the counter was last read
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        # |x - e|^2 = |x|^2 - 2 x.e + |e|^2; |x|^2 is the same for every code, so it is left out
+        scores = flat @ self.codebook.t() * -2 + self.codebook.pow(2).sum(1)
+        return scores.argmin(dim=1)
+
+    @torch.no_grad()
+    def _init_from(self, flat: torch.Tensor) -> None:
+        # start the codebook on real encoder outputs so no code begins far from the data
+        idx = torch.randint(len(flat), (self.codebook_size,), device=flat.device)
+        self.codebook.copy_(flat[idx])
+        self.embed_sum.copy_(flat[idx])
+        self.cluster_size.fill_(1.0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
+        onehot = F.one_hot(codes, self.codebook_size).type(flat.dtype)
+        counts = onehot.sum(0)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n  # Laplace smoothing
+        self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+        self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
+        dead = (self.steps_unused >= self.dead_code_steps).nonzero().squeeze(1)
+        if len(dead):
+            # revive unused codes on random current encoder outputs
+            picks = flat[torch.randint(len(flat), (len(dead),), device=flat.device)]
+            self.codebook[dead] = picks
+            self.embed_sum[dead] = picks
+            self.cluster_size[dead] = 1.0
+            self.steps_unused[dead] = 0
+            self.restarts += len(dead)
+
+    def forward(self, z: torch.Tensor):
+        """z: N x D x H x W -> (quantised with straight-through gradient, codes N x H x W, commitment loss)."""
+        n, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()
+        if self.training and not bool(self.initialised):
+            self._init_from(flat.detach())
+        codes = self.nearest(flat.detach())
+        if self.training:
+            self._ema_update(flat.detach(), codes)
+        quantised = self.codebook[codes].view(n, h, w, d).permute(0, 3, 1, 2)
+        commit = F.mse_loss(z.float(), quantised.detach()) * self.commitment
+        quantised = z + (quantised - z).detach()
+        return quantised, codes.view(n, h, w), commit
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes N x H x W -> N x D x H x W."""
+        return self.codebook[codes.long()].permute(0, 3, 1, 2)
+
+
+def codebook_stats(counts: torch.Tensor) -> tuple[float, float]:
+    """Usage (fraction of codes used at least once) and perplexity (exp of the code entropy) from code counts."""
+    counts = counts.double()
+    probs = counts / counts.sum()
+    nz = probs[probs > 0]
+    perplexity = torch.exp(-(nz * nz.log()).sum()).item()
+    return (counts > 0).double().mean().item(), perplexity

@@ -1,0 +1,67 @@
+"""Convolutional VQ-VAE: strided-conv encoder, EMA quantiser, transposed-conv decoder."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VQVAEModelParams
+from .quantizer import EMAQuantizer
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.GELU(), nn.Conv2d(channels, channels, 3, padding=1),
+            nn.GroupNorm(8, channels), nn.GELU(), nn.Conv2d(channels, channels, 1),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+class VQVAE(nn.Module):
+    def __init__(self, p: VQVAEModelParams, in_channels: int = 1):
+        super().__init__()
+        self.config = p
+        c = p.channels
+        widths = [max(c // 2 ** (p.downsamples - 1 - i), 16) for i in range(p.downsamples)]  # e.g. 32, 64
+        enc, prev = [], in_channels
+        for w in widths:
+            enc += [nn.Conv2d(prev, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU()]
+            prev = w
+        enc += [nn.Conv2d(prev, c, 3, padding=1)] + [ResBlock(c) for _ in range(p.res_blocks)]
+        enc += [nn.GELU(), nn.Conv2d(c, p.code_dim, 1)]
+        self.encoder = nn.Sequential(*enc)
+        self.quantizer = EMAQuantizer(p.codebook_size, p.code_dim, p.ema_decay, p.commitment, p.dead_code_steps)
+        dec = [nn.Conv2d(p.code_dim, c, 3, padding=1)] + [ResBlock(c) for _ in range(p.res_blocks)] + [nn.GELU()]
+        prev = c
+        for w in reversed(widths):
+            dec += [nn.ConvTranspose2d(prev, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU()]
+            prev = w
+        dec += [nn.Conv2d(prev, in_channels, 3, padding=1)]
+        self.decoder = nn.Sequential(*dec)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        f = 2 ** self.config.downsamples
+        return height // f, width // f
+
+    def forward(self, x: torch.Tensor):
+        z = self.encoder(x)
+        q, codes, commit = self.quantizer(z)
+        recon = self.decoder(q)
+        return recon, codes, commit
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(self.encoder(x))[1]
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
+
+    def loss(self, x: torch.Tensor):
+        recon, codes, commit = self(x)
+        rec = F.mse_loss(recon.float(), x)
+        return rec + commit, {"recon_loss": rec.detach(), "commit_loss": commit.detach()}, codes

@@ -1,0 +1,37 @@
+"""Small report outputs: PNG image grids and per-epoch CSV histories (DVC plots)."""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .io import atomic_path
+
+
+def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> None:
+    """uint8 N x C x H x W -> one PNG grid, row-major."""
+    x = torch.as_tensor(images)
+    n, c, h, w = x.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    canvas = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        canvas[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
+    array = canvas.permute(1, 2, 0).numpy()
+    image = Image.fromarray(array[..., 0] if c == 1 else array)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def write_history_csv(path: str | Path, history: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["epoch"] + [k for k in keys if k != "epoch"])
+        writer.writeheader()
+        for epoch, row in enumerate(history, start=1):
+            writer.writerow({"epoch": epoch, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}})

@@ -1,0 +1,52 @@
+"""Autoregressive sampling of code grids: temperature, top-k, top-p, batched, with a KV cache."""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from .models.prior import Prior
+
+
+def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Scale by 1/temperature, then keep the top-k tokens and the smallest set with mass >= top_p."""
+    logits = logits.float() / temperature
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def sample_codes(prior: Prior, n: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+    """Return n x L code sequences. `use_cache=False` recomputes the whole prefix each step (for checks)."""
+    prior.eval()
+    device = next(prior.parameters()).device
+    seq = torch.full((n, 1), prior.vocab, dtype=torch.long, device=device)  # START
+    past = None
+    for _ in range(prior.length):
+        if use_cache:
+            logits, past = prior(seq[:, -1:], past)
+        else:
+            logits, _ = prior(seq)
+        probs = filter_logits(logits[:, -1], temperature, top_k, top_p).softmax(-1)
+        nxt = torch.multinomial(probs, 1, generator=generator)
+        seq = torch.cat([seq, nxt], dim=1)
+    return seq[:, 1:]
+
+
+def sample_in_batches(prior: Prior, n: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
+    device = next(prior.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    with tqdm(total=n, desc="sample", unit="img", disable=None) as bar:
+        for start in range(0, n, batch_size):
+            out.append(sample_codes(prior, min(batch_size, n - start), generator=generator, **kwargs).cpu())
+            bar.update(len(out[-1]))
+    return torch.cat(out)

@@ -1,0 +1,145 @@
+"""One training loop for every model: warm-up + cosine LR, clipping, bf16 autocast, early stopping,
+an atomic checkpoint each epoch and resume from it, and a clear stop on a NaN loss."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .config import TrainParams
+from .io import atomic_path
+from .runtime import Runtime
+
+
+class TrainingDiverged(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up to 1, then cosine decay to 0.1 at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw(model: torch.nn.Module, p: TrainParams) -> torch.optim.AdamW:
+    """Weight decay on matrices and conv kernels only; never on biases, norms or embeddings' scale."""
+    decay = [w for n, w in model.named_parameters() if w.requires_grad and w.dim() >= 2]
+    no_decay = [w for n, w in model.named_parameters() if w.requires_grad and w.dim() < 2]
+    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best: dict = field(default_factory=dict)
+    epochs: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+
+
+def batches(n: int, batch_size: int, seed: int, epoch: int):
+    """Shuffled index batches; the order depends only on (seed, epoch), so a resumed run sees the same batches."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    for start in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+        yield order[start : start + batch_size]
+
+
+def fit(
+    model: torch.nn.Module,
+    train_size: int,
+    train_step: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
+    evaluate: Callable[[], dict],
+    p: TrainParams,
+    runtime: Runtime,
+    seed: int,
+    checkpoint: Path,
+    monitor: str,
+    on_epoch: Callable[[int, dict], None] = lambda epoch, metrics: None,
+    desc: str = "train",
+) -> FitResult:
+    """Train `model`; `train_step(index_batch)` returns (loss, stats) and `evaluate()` returns val metrics.
+
+    The best weights (lowest `monitor`) are restored into `model` at the end.
+    """
+    opt = adamw(model, p)
+    steps_per_epoch = max(1, train_size // p.batch_size)
+    total = steps_per_epoch * p.epochs
+    result, best_state, bad_epochs, start_epoch = FitResult(), None, 0, 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        result.history, result.best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
+        best_state, start_epoch = state["best_model"], state["epoch"]
+        result.seconds = state["seconds"]
+        print(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}")
+
+    for epoch in range(start_epoch, p.epochs):
+        if bad_epochs >= p.patience:
+            result.stopped_early = True
+            break
+        t0 = time.perf_counter()
+        model.train()
+        sums: dict[str, float] = {}
+        bar = tqdm(batches(train_size, p.batch_size, seed, epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{p.epochs}",
+                   leave=False, disable=None, dynamic_ncols=True)
+        for i, idx in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            for group in opt.param_groups:
+                group["lr"] = p.lr * lr_factor(step, total, p.warmup_steps)
+            with runtime.autocast():
+                loss, stats = train_step(idx)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(
+                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}; the last good checkpoint is kept "
+                    f"at {checkpoint if checkpoint.exists() else '(none yet)'}; lower train.lr or raise train.grad_clip's strictness"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if p.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+            opt.step()
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        model.eval()
+        with torch.no_grad(), runtime.autocast():
+            val = evaluate()
+        metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
+        metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics["lr"] = opt.param_groups[0]["lr"]
+        result.seconds += time.perf_counter() - t0
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        result.history.append(metrics)
+        improved = not result.best or metrics[f"val_{monitor}"] < result.best[f"val_{monitor}"]
+        if improved:
+            result.best, bad_epochs = dict(metrics, epoch=epoch + 1), 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+        shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch_seconds")
+        print(f"{desc} epoch {epoch + 1}/{p.epochs}  {shown}  ({metrics['epoch_seconds']:.0f}s)", flush=True)
+        on_epoch(epoch + 1, metrics)
+        with atomic_path(checkpoint) as tmp:
+            torch.save({
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                "history": result.history, "best": result.best, "bad_epochs": bad_epochs,
+                "best_model": best_state, "epoch": epoch + 1, "seconds": result.seconds,
+            }, tmp)
+    if bad_epochs >= p.patience and len(result.history) < p.epochs:
+        result.stopped_early = True
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result.epochs = len(result.history)
+    return result

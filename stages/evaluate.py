@@ -1,0 +1,48 @@
+"""evaluate: FID, precision and recall of the samples against the test images (torch-fidelity, TF Inception)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages._tracking import tracked_run
+from vqprior.config import load_params
+from vqprior.data.images import read_images
+from vqprior.io import write_json_atomic
+from vqprior.metrics import INCEPTION, fidelity_metrics
+from vqprior.runtime import resolve_runtime
+
+
+def main() -> None:
+    p = load_params()
+    cfg = p.evaluate
+    runtime = resolve_runtime(p.compute)
+    with tracked_run("evaluate", p) as run:
+        samples_path = Path("data/samples/images.npy")
+        if not samples_path.exists():
+            raise SystemExit(f"error: {samples_path} not found; run `dvc repro sample` first")
+        generated = torch.from_numpy(np.load(samples_path))
+        test = read_images("data/prepared/test.parquet", limit=cfg.num_reference)
+        reference = torch.from_numpy(test.images).permute(0, 3, 1, 2).contiguous()
+        if len(reference) < cfg.num_reference:
+            print(f"evaluate: only {len(reference)} test images, fewer than evaluate.num_reference={cfg.num_reference}")
+        print(f"evaluate: {len(generated)} samples vs {len(reference)} test images, {INCEPTION} features")
+        t0 = time.perf_counter()
+        metrics = fidelity_metrics(generated, reference, extractor=INCEPTION, batch_size=cfg.batch_size,
+                                   prc_neighborhood=cfg.prc_neighborhood, device=str(runtime.device))
+        seconds = time.perf_counter() - t0
+        metrics.update({
+            "reference_split": "test", "prc_neighborhood": cfg.prc_neighborhood, "seconds": round(seconds, 1),
+            "images_per_second": round((len(generated) + len(reference)) / seconds, 1),
+        })
+        write_json_atomic("metrics/evaluate.json", metrics)
+        run.log_metrics(metrics)
+        run.log_artifact("metrics/evaluate.json")
+        print(f"evaluate: FID {metrics['fid']:.2f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
+              f"({seconds:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

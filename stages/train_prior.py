@@ -1,0 +1,79 @@
+"""train_prior: a decoder-only Transformer over the flattened code grids."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from stages._tracking import tracked_run
+from vqprior.codes import read_codes
+from vqprior.config import load_params
+from vqprior.io import write_json_atomic
+from vqprior.models import save_model
+from vqprior.models.prior import Prior
+from vqprior.plots import write_history_csv
+from vqprior.runtime import resolve_runtime, seed_everything
+from vqprior.training import fit
+
+CODES = Path("data/codes")
+CHECKPOINT = Path("checkpoints/train_prior.pt")
+
+
+@torch.no_grad()
+def evaluate_prior(prior: Prior, codes: torch.Tensor, batch_size: int, device) -> dict:
+    """Token-weighted NLL (nats/token), bits per image dimension, top-1 and top-5 accuracy."""
+    prior.eval()
+    sums = {"nll": 0.0, "top1": 0.0, "top5": 0.0}
+    for start in range(0, len(codes), batch_size):
+        batch = codes[start : start + batch_size].to(device)
+        _, stats = prior.loss(batch)
+        for k in sums:
+            sums[k] += float(stats[k]) * len(batch)
+    return {k: v / len(codes) for k, v in sums.items()}
+
+
+def main() -> None:
+    p = load_params()
+    cfg = p.train_prior
+    runtime = resolve_runtime(p.compute)
+    seed_everything(p.seed)
+    with tracked_run("train_prior", p) as run:
+        train, val = read_codes(CODES / "train.parquet"), read_codes(CODES / "val.parquet")
+        length = train.grid[0] * train.grid[1]
+        x_train = torch.from_numpy(train.codes.reshape(len(train.codes), -1).astype("int64"))
+        x_val = torch.from_numpy(val.codes.reshape(len(val.codes), -1).astype("int64"))
+        prior = Prior(cfg.model, vocab=train.codebook_size, length=length).to(runtime.device)
+        print(f"train_prior: {len(x_train)} grids of {train.grid[0]}x{train.grid[1]} codes (vocab {train.codebook_size}), "
+              f"{prior.num_params():,} params, {runtime.device} {runtime.precision}")
+
+        def step(idx):
+            return prior.loss(x_train[idx].to(runtime.device))
+
+        result = fit(
+            prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, 512, runtime.device), cfg.train, runtime,
+            seed=p.seed, checkpoint=CHECKPOINT, monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
+        )
+        save_model("models/prior.pt", prior, vocab=train.codebook_size, length=length, grid=list(train.grid),
+                   vqvae_sha256=train.meta["vqvae_sha256"])
+        best = result.best
+        # bits per image dimension: the whole grid's NLL spread over the image's pixel values
+        dims = math.prod(train.meta["image_shape"])
+        metrics = {
+            "val_nll": best["val_nll"], "val_top1": best["val_top1"], "val_top5": best["val_top5"],
+            "val_bits_per_dim": best["val_nll"] * length / (dims * math.log(2)),
+            "params": prior.num_params(), "epochs": result.epochs, "best_epoch": best["epoch"],
+            "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),
+            "precision": runtime.precision, "device": runtime.device.type,
+        }
+        write_json_atomic("metrics/train_prior.json", metrics)
+        write_history_csv("plots/train_prior.csv", result.history)
+        run.log_metrics(metrics)
+        run.log_artifact("plots/train_prior.csv")
+        CHECKPOINT.unlink(missing_ok=True)
+        print(f"train_prior: val NLL {metrics['val_nll']:.3f} nats/token, top-1 {metrics['val_top1']:.3f}, "
+              f"top-5 {metrics['val_top5']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

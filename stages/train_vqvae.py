@@ -1,0 +1,98 @@
+"""train_vqvae: a convolutional VQ-VAE with an EMA codebook on the prepared train split."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from stages._tracking import tracked_run
+from vqprior.config import load_params
+from vqprior.data.images import read_images, to_model_input, to_uint8
+from vqprior.io import write_json_atomic
+from vqprior.models import save_model
+from vqprior.models.quantizer import codebook_stats
+from vqprior.models.vqvae import VQVAE
+from vqprior.plots import save_grid, write_history_csv
+from vqprior.runtime import resolve_runtime, seed_everything
+from vqprior.training import fit
+
+PREPARED = Path("data/prepared")
+CHECKPOINT = Path("checkpoints/train_vqvae.pt")  # resume state; removed once the stage finishes
+
+
+@torch.no_grad()
+def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int, runtime) -> dict:
+    """Reconstruction MSE in [0, 1] pixel units, PSNR, and codebook usage/perplexity over the whole set."""
+    model.eval()
+    sq_err, counts = 0.0, torch.zeros(model.config.codebook_size, dtype=torch.long)
+    commit = 0.0
+    for start in range(0, len(x), batch_size):
+        xb = x[start : start + batch_size].to(runtime.device)
+        with runtime.autocast():
+            recon, codes, c = model(xb)
+        # [-1, 1] -> [0, 1] halves the error, so squared error is divided by 4
+        sq_err += ((recon.float().clamp(-1, 1) - xb) ** 2).sum().item() / 4
+        commit += c.item() * len(xb)
+        counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
+    mse = sq_err / x.numel()
+    usage, perplexity = codebook_stats(counts)
+    return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "commit_loss": commit / len(x),
+            "codebook_usage": usage, "perplexity": perplexity}
+
+
+def reconstruction_grid(model: VQVAE, x: torch.Tensor, path: str, runtime) -> None:
+    """Originals in odd rows, their reconstructions beneath them."""
+    with torch.no_grad(), runtime.autocast():
+        recon = model(x.to(runtime.device))[0].float().clamp(-1, 1).cpu()
+    pairs = torch.stack([to_uint8(x).view(-1, 8, *x.shape[1:]), to_uint8(recon).view(-1, 8, *x.shape[1:])], dim=1)
+    save_grid(pairs.reshape(-1, *x.shape[1:]), path, nrow=8)
+
+
+def main() -> None:
+    p = load_params()
+    cfg = p.train_vqvae
+    runtime = resolve_runtime(p.compute)
+    seed_everything(p.seed)
+    with tracked_run("train_vqvae", p) as run:
+        train, val, test = (read_images(PREPARED / f"{s}.parquet") for s in ("train", "val", "test"))
+        x_train, x_val, x_test = (to_model_input(s.images) for s in (train, val, test))
+        h, w, c = train.shape
+        model = VQVAE(cfg.model, in_channels=c).to(runtime.device)
+        print(f"train_vqvae: {len(x_train)} images {h}x{w}x{c} -> {model.grid_size(h, w)} codes, "
+              f"{sum(t.numel() for t in model.parameters()):,} params, {runtime.device} {runtime.precision}")
+
+        def step(idx):
+            loss, stats, _ = model.loss(x_train[idx].to(runtime.device))
+            return loss, stats
+
+        def on_epoch(epoch, metrics):
+            metrics["dead_code_restarts"], model.quantizer.restarts = model.quantizer.restarts, 0
+            run.log_epoch(epoch, metrics)
+
+        result = fit(
+            model, len(x_train), step, lambda: evaluate_vqvae(model, x_val, 1024, runtime), cfg.train, runtime,
+            seed=p.seed, checkpoint=CHECKPOINT, monitor="mse", on_epoch=on_epoch, desc="train_vqvae",
+        )
+        save_model("models/vqvae.pt", model, in_channels=c, image_shape=[h, w, c])
+        test_metrics = evaluate_vqvae(model, x_test, 1024, runtime)
+        metrics = {
+            "test_mse": test_metrics["mse"], "test_psnr": test_metrics["psnr"],
+            "codebook_usage": test_metrics["codebook_usage"], "perplexity": test_metrics["perplexity"],
+            "val_mse": result.best["val_mse"], "codebook_size": cfg.model.codebook_size,
+            "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
+            "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,
+        }
+        write_json_atomic("metrics/train_vqvae.json", metrics)
+        write_history_csv("plots/train_vqvae.csv", result.history)
+        reconstruction_grid(model, x_val[:32], "reports/vqvae_reconstructions.png", runtime)
+        run.log_metrics(metrics)
+        for path in ("reports/vqvae_reconstructions.png", "plots/train_vqvae.csv"):
+            run.log_artifact(path)
+        CHECKPOINT.unlink(missing_ok=True)
+        print(f"train_vqvae: test MSE {metrics['test_mse']:.5f} (PSNR {metrics['test_psnr']:.2f} dB), "
+              f"usage {metrics['codebook_usage']:.3f}, perplexity {metrics['perplexity']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
