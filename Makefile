@@ -1,0 +1,43 @@
+# Two commands do all the set-up: `make run` (the default pipeline) and `make test` (the test suite).
+# Both are idempotent: a second call reuses the virtual environment, the data and DVC's cache.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+FMNIST := /usr/share/datasets/fashion-mnist
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+
+.PHONY: run test install data flow dag metrics clean-outputs
+
+run: install data ## the whole DAG with params.yaml
+	$(BIN)/dvc repro
+
+test: install data ## the test suite (unit tests + an end-to-end smoke run of the DAG)
+	$(BIN)/python -m pytest -q
+
+flow: install data ## the same DAG as a Prefect flow (offline, temporary local server)
+	$(BIN)/python -m flows.pipeline
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's package where apt-get exists; elsewhere the prepare stage downloads it.
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+
+dag: install
+	$(BIN)/dvc dag
+
+metrics: install
+	$(BIN)/dvc metrics show

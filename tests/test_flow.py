@@ -1,0 +1,124 @@
+"""The Prefect pipeline: stage order derived from dvc.yaml, and one real run of `prepare` in a copy of the repo."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import select, stage_order
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_order_of_the_real_dvc_yaml():
+    assert stage_order(REPO / "dvc.yaml") == [
+        "prepare", "train_vqvae", "extract_codes", "train_prior", "sample", "evaluate"]
+
+
+def _write_dvc_yaml(folder: Path, stages: dict) -> Path:
+    path = folder / "dvc.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    return path
+
+
+def test_order_of_a_diamond_listed_backwards(tmp_path):
+    # a -> (b, c) -> d, written in reverse so the file's order cannot be the answer
+    path = _write_dvc_yaml(tmp_path, {
+        "d": {"cmd": "x", "deps": ["out/b.txt", "metrics/c.json"]},                  # a metrics file is an out too
+        "c": {"cmd": "x", "deps": ["./data/a/part-0.parquet"],                        # file inside an out folder
+              "metrics": [{"metrics/c.json": {"cache": False}}]},
+        "b": {"cmd": "x", "deps": ["data/a", "src/b.py"], "outs": [{"out/b.txt": {"persist": True}}]},
+        "a": {"cmd": "x", "deps": ["src/a.py"], "outs": ["data/a"]},
+        "lone": {"cmd": "x"},
+    })
+    order = stage_order(path)
+    assert sorted(order) == ["a", "b", "c", "d", "lone"]
+    assert order.index("a") < order.index("b") < order.index("d")
+    assert order.index("a") < order.index("c") < order.index("d")
+    assert order == ["a", "c", "b", "d", "lone"]  # among ready stages the file's order decides: stable
+
+
+def test_dep_on_a_parent_folder_and_cycles(tmp_path):
+    # DVC also links a stage that depends on a whole folder to the stage writing a file inside it
+    path = _write_dvc_yaml(tmp_path, {
+        "report": {"cmd": "x", "deps": ["models"]},
+        "train": {"cmd": "x", "outs": ["models/net.pt"]},
+        "unrelated": {"cmd": "x", "deps": ["models2"]},  # a prefix of the name only is no link
+    })
+    assert stage_order(path) == ["train", "report", "unrelated"]
+    cyclic = _write_dvc_yaml(tmp_path, {"p": {"cmd": "x", "deps": ["q.txt"], "outs": ["p.txt"]},
+                                        "q": {"cmd": "x", "deps": ["p.txt"], "outs": ["q.txt"]}})
+    with pytest.raises(ValueError, match="cycle"):
+        stage_order(cyclic)
+
+
+def test_select_keeps_dag_order_and_rejects_unknown_names(monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert select(["sample", "prepare"]) == ["prepare", "sample"]
+    assert select(None)[0] == "prepare"
+    with pytest.raises(ValueError, match="nope"):
+        select(["nope"])
+
+
+def _copy_repo(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True, text=True).stdout.split("\0")
+    for name in filter(None, files):
+        if (REPO / name).is_file():  # a file deleted but not yet committed is still listed
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    shutil.copy2(dest / "profiles" / "smoke.yaml", dest / "params.yaml")
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)  # DVC wants an SCM
+    return dest
+
+
+def _runs(copy: Path):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_flow_runs_prepare_in_a_copy_and_dvc_skips_it_the_second_time(tmp_path):
+    copy = _copy_repo(tmp_path / "repo")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "VQPRIOR_PARENT_RUN_ID")}
+    env |= {
+        "PYTHONPATH": f"{copy / 'src'}{os.pathsep}{copy}",  # the copy's code, not the editable install's
+        "PREFECT_HOME": str(tmp_path / "prefect"),  # a private temporary-server database
+        "COLUMNS": "400",  # Prefect's console handler wraps long lines at the terminal width
+    }
+
+    def flow(*args):
+        proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *args], cwd=copy, env=env,
+                              capture_output=True, text=True, timeout=300)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    rc, out = flow("--stages", "prepare")
+    assert rc == 0, out
+    assert (copy / "data/prepared/train.parquet").is_file()
+    assert "prepare: splits" in out  # the stage's own print, streamed through Prefect's logger
+    assert "train_vqvae" not in out  # only the selected stage ran
+
+    runs = _runs(copy)
+    pipelines = [r for r in runs if r.info.run_name == "pipeline"]
+    prepares = [r for r in runs if r.info.run_name == "prepare"]
+    assert len(pipelines) == 1 and len(prepares) == 1
+    assert pipelines[0].info.status == "FINISHED"
+    assert pipelines[0].data.tags["stages"] == "prepare"
+    assert pipelines[0].data.tags["prefect.flow_run_id"]
+    assert prepares[0].data.tags["mlflow.parentRunId"] == pipelines[0].info.run_id
+    assert prepares[0].info.experiment_id == pipelines[0].info.experiment_id
+
+    rc, out = flow("--stages", "prepare")
+    assert rc == 0, out
+    assert "Stage 'prepare' didn't change, skipping" in out
+    assert "prepare: splits" not in out
+    runs = _runs(copy)
+    assert sum(r.info.run_name == "pipeline" for r in runs) == 2
+    assert sum(r.info.run_name == "prepare" for r in runs) == 1  # DVC skipped it: no second stage run

@@ -1,0 +1,141 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vqprior.config import PriorModelParams, VQVAEModelParams
+from vqprior.models import load_prior, load_vqvae, save_model
+from vqprior.models.prior import Prior
+from vqprior.models.quantizer import EMAQuantizer, codebook_stats
+from vqprior.models.vqvae import VQVAE
+from vqprior.sampling import filter_logits, sample_codes
+
+SMALL_VQ = VQVAEModelParams(channels=16, res_blocks=1, downsamples=2, codebook_size=16, code_dim=8)
+SMALL_PRIOR = PriorModelParams(d_model=32, n_layers=2, n_heads=2, dropout=0.0)
+
+
+def test_codebook_stats_on_hand_made_counts():
+    usage, perplexity = codebook_stats(torch.tensor([5, 5, 0, 0]))
+    assert usage == 0.5 and perplexity == pytest.approx(2.0)
+    usage, perplexity = codebook_stats(torch.tensor([1, 1, 1, 1, 1, 1, 1, 1]))
+    assert usage == 1.0 and perplexity == pytest.approx(8.0)
+    _, perplexity = codebook_stats(torch.tensor([9, 1]))
+    assert perplexity == pytest.approx(math.exp(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1))))
+
+
+def test_quantizer_initialises_from_data_and_snaps_to_nearest():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=32, dim=4)
+    z = torch.randn(8, 4, 4, 4) * 3 + 10  # far from the random initial codebook
+    q.train()
+    _, codes, _ = q(z)
+    assert bool(q.initialised)
+    assert len(codes.unique()) > 16  # started on data, so most codes are in use at once
+    q.eval()
+    quantised, codes, commit = q(z)
+    assert quantised.shape == z.shape and codes.shape == (8, 4, 4) and commit.item() >= 0
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
+    brute = torch.cdist(flat, q.codebook).argmin(1)
+    assert torch.equal(codes.flatten(), brute)
+
+
+def test_dead_code_is_restarted_on_encoder_outputs():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=8, dim=2, dead_code_steps=3)
+    q.train()
+    z = torch.randn(4, 2, 2, 2)
+    q(z)
+    q.codebook[5] = 1e6  # kill code 5: it is never nearest to anything
+    q.embed_sum[5] = 1e6
+    for _ in range(3):
+        q(z)
+    assert q.restarts >= 1
+    assert q.codebook[5].abs().max() < 100  # moved back among the data
+
+
+def test_vqvae_shapes_and_loss_falls_on_a_small_batch():
+    torch.manual_seed(0)
+    model = VQVAE(SMALL_VQ, in_channels=1)
+    x = torch.rand(16, 1, 28, 28) * 2 - 1
+    recon, codes, _ = model(x)
+    assert recon.shape == x.shape and codes.shape == (16, 7, 7) and model.grid_size(28, 28) == (7, 7)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss, stats, _ = model.loss(x)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(stats["recon_loss"].item())
+    assert losses[-1] < 0.6 * losses[0]
+    assert model.decode(model.encode(x)).shape == x.shape
+
+
+def test_checkpoints_round_trip(tmp_path):
+    vq, prior = VQVAE(SMALL_VQ), Prior(SMALL_PRIOR, vocab=16, length=49)
+    save_model(tmp_path / "vq.pt", vq, in_channels=1, image_shape=[28, 28, 1])
+    save_model(tmp_path / "prior.pt", prior, vocab=16, length=49, grid=[7, 7])
+    vq2, _ = load_vqvae(tmp_path / "vq.pt")
+    prior2, state = load_prior(tmp_path / "prior.pt")
+    assert all(torch.equal(a, b) for a, b in zip(vq.state_dict().values(), vq2.state_dict().values()))
+    assert state["grid"] == [7, 7] and prior2.vocab == 16
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+        load_vqvae(tmp_path / "bad.pt")
+
+
+def test_prior_is_causal():
+    torch.manual_seed(0)
+    prior = Prior(SMALL_PRIOR, vocab=16, length=10).eval()
+    codes = torch.randint(0, 16, (2, 10))
+    logits, _ = prior(prior.with_start(codes))
+    changed = codes.clone()
+    changed[:, 6] = (changed[:, 6] + 1) % 16
+    logits2, _ = prior(prior.with_start(changed))
+    # input position 7 holds code 6, so logits at positions <= 6 cannot change
+    assert torch.allclose(logits[:, :7], logits2[:, :7], atol=1e-6)
+    assert not torch.allclose(logits[:, 7:], logits2[:, 7:], atol=1e-4)
+
+
+@pytest.mark.parametrize("top_k,temperature", [(1, 1.0), (0, 1.0), (5, 0.7)])
+def test_kv_cache_gives_the_tokens_of_full_recompute(top_k, temperature):
+    torch.manual_seed(0)
+    prior = Prior(SMALL_PRIOR, vocab=16, length=12).eval()
+    kw = dict(temperature=temperature, top_k=top_k)
+    cached = sample_codes(prior, 6, generator=torch.Generator().manual_seed(3), use_cache=True, **kw)
+    full = sample_codes(prior, 6, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert cached.shape == (6, 12) and torch.equal(cached, full)
+
+
+def test_top_k_one_is_greedy_and_deterministic():
+    torch.manual_seed(0)
+    prior = Prior(SMALL_PRIOR, vocab=16, length=8).eval()
+    a = sample_codes(prior, 4, top_k=1, generator=torch.Generator().manual_seed(1))
+    b = sample_codes(prior, 4, top_k=1, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    # greedy by hand: argmax at every step
+    seq = torch.full((4, 1), 16)
+    for _ in range(8):
+        seq = torch.cat([seq, prior(seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(a, seq[:, 1:])
+
+
+def test_top_p_keeps_the_smallest_set_with_enough_mass():
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.75))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.79))
+    assert kept.tolist() == [[True, True, False, False, False]]
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.81))
+    assert kept.tolist() == [[True, True, True, False, False]]
+    shuffled = torch.tensor([[0.1, 0.5, 0.04, 0.3, 0.06]]).log()
+    assert torch.isfinite(filter_logits(shuffled, top_p=0.75)).tolist() == [[False, True, False, True, False]]
+    assert torch.isfinite(filter_logits(shuffled, top_k=3)).sum() == 3
+
+
+def test_temperature_sharpens():
+    logits = torch.tensor([[2.0, 1.0, 0.0]])
+    cold = filter_logits(logits, temperature=0.5).softmax(-1)
+    hot = filter_logits(logits, temperature=2.0).softmax(-1)
+    assert cold[0, 0] > logits.softmax(-1)[0, 0] > hot[0, 0]

@@ -1,0 +1,58 @@
+"""The whole DAG on the smoke profile, as a user runs it: dvc repro, outputs, MLflow runs, then a no-op re-run."""
+import json
+import sys
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+
+from conftest import run
+
+STAGES = ["prepare", "train_vqvae", "extract_codes", "train_prior", "sample", "evaluate"]
+
+
+def test_smoke_dag_end_to_end(smoke_repo):
+    first = run([sys.executable, "-m", "dvc", "repro"], smoke_repo)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout
+
+    # outputs of every stage
+    for split in ("train", "val", "test"):
+        assert pq.read_metadata(smoke_repo / f"data/prepared/{split}.parquet").num_rows > 0
+        codes = pq.read_table(smoke_repo / f"data/codes/{split}.parquet")
+        assert codes.schema.field("codes").type.list_size == 49
+    stats = json.loads((smoke_repo / "data/prepared/stats.json").read_text())
+    assert stats["counts"] == {"train": 2700, "val": 300, "test": 500} and stats["image_shape"] == [28, 28, 1]
+    images = np.load(smoke_repo / "data/samples/images.npy")
+    assert images.shape == (200, 1, 28, 28) and images.dtype == np.uint8 and images.std() > 10
+    for png in ("prepare_examples", "vqvae_reconstructions", "samples"):
+        assert (smoke_repo / f"reports/{png}.png").stat().st_size > 1000
+
+    metrics = {s: json.loads((smoke_repo / f"metrics/{s}.json").read_text())
+               for s in ("train_vqvae", "extract_codes", "train_prior", "sample", "evaluate")}
+    assert metrics["train_vqvae"]["test_mse"] < 0.05 and metrics["train_vqvae"]["epochs"] == 3
+    assert metrics["extract_codes"]["images"] == 3500
+    assert 0 < metrics["train_prior"]["val_nll"] < np.log(64)  # better than uniform over 64 codes
+    ev = metrics["evaluate"]
+    assert {"fid", "precision", "recall", "num_samples", "num_reference", "feature_extractor"} <= ev.keys()
+    assert ev["num_samples"] == 200 and ev["num_reference"] == 200
+    assert 0 < ev["fid"] < 400 and 0 <= ev["precision"] <= 1 and 0 <= ev["recall"] <= 1
+    assert "inception" in ev["feature_extractor"]
+
+    # one MLflow run per stage, with params and metrics
+    mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["vqprior"])
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(STAGES)
+    by_stage = runs.set_index("tags.mlflow.runName")
+    assert by_stage.loc["train_vqvae", "params.train_vqvae.model.codebook_size"] == "64"
+    assert by_stage.loc["evaluate", "metrics.fid"] == ev["fid"]
+    assert (by_stage["status"] == "FINISHED").all()
+
+    # nothing changed: the second repro runs no stage and logs no run
+    second = run([sys.executable, "-m", "dvc", "repro"], smoke_repo)
+    assert second.returncode == 0
+    assert "Running stage" not in second.stdout
+    assert len(mlflow.search_runs(experiment_names=["vqprior"])) == len(STAGES)
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], smoke_repo)
+    assert shown.returncode == 0 and "fid" in shown.stdout

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from vqprior.config import ComputeParams, TrainParams
+from vqprior.runtime import resolve_runtime
+from vqprior.training import TrainingDiverged, fit, lr_factor
+
+CPU = resolve_runtime(ComputeParams(device="cpu", precision="fp32"))
+
+
+def make_problem(seed=0):
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))  # the data never changes
+    torch.manual_seed(seed)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+
+    def step(idx):
+        loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
+        return loss, {"loss": loss.detach()}
+
+    def evaluate():
+        return {"loss": torch.nn.functional.mse_loss(model(x), y).item()}
+
+    return model, step, evaluate
+
+
+P = TrainParams(epochs=4, batch_size=16, lr=0.01, warmup_steps=2, patience=10)
+
+
+def test_loss_falls_and_best_weights_are_kept(tmp_path):
+    model, step, evaluate = make_problem()
+    before = evaluate()["loss"]
+    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss")
+    assert result.epochs == 4 and len(result.history) == 4
+    assert result.best["val_loss"] < before
+    assert evaluate()["loss"] == pytest.approx(result.best["val_loss"])
+
+
+def test_resume_after_interruption_gives_identical_weights(tmp_path):
+    model, step, evaluate = make_problem()
+    fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "full.pt", monitor="loss")
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_two(epoch, metrics):
+        if epoch == 2:
+            raise Killed
+
+    model, step, evaluate = make_problem()
+    with pytest.raises(Killed):
+        fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "part.pt", monitor="loss", on_epoch=kill_after_two)
+    # epoch 2's checkpoint is written after on_epoch, so the run resumes after epoch 1
+    model, step, evaluate = make_problem(seed=99)  # fresh process: different init, same checkpoint
+    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "part.pt", monitor="loss")
+    assert result.epochs == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full[k]), k
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
+    model, step, evaluate = make_problem()
+    calls = {"n": 0}
+
+    def poisoned(idx):
+        calls["n"] += 1
+        loss, stats = step(idx)
+        return (loss * float("nan"), stats) if calls["n"] > 6 else (loss, stats)
+
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(TrainingDiverged) as info:
+        fit(model, 64, poisoned, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss")
+    assert "loss is nan" in str(info.value.code) and str(ckpt) in str(info.value.code)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 1  # the good epoch survives
+
+
+def test_lr_schedule_warms_up_then_decays():
+    values = [lr_factor(s, 100, 10) for s in range(100)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))
+    assert values[-1] == pytest.approx(0.1, abs=0.01)
