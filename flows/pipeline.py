@@ -33,7 +33,7 @@ import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
-from stages._tracking import PARENT_RUN_ENV, _git_commit, ensure_experiment, tracking_uri  # noqa: E402
+from stages._tracking import PARENT_RUN_ENV, git_commit, ensure_experiment, tracking_uri  # noqa: E402
 
 
 def _paths(entries) -> list[str]:
@@ -114,7 +114,7 @@ def pipeline(stages: list[str] | None = None, retries: int = 1) -> list[str]:
     # a retry resumes a training stage from its last checkpoint, so one retry is cheap insurance
     task_ = run_stage.with_options(retries=retries, retry_delay_seconds=10)
     experiment_id = ensure_experiment(load_params().tracking.experiment)  # the stages' experiment, so nesting shows
-    tags = {"git.commit": _git_commit(), "prefect.flow_run_id": str(flow_run.id), "stages": ",".join(selected)}
+    tags = {"git.commit": git_commit(), "prefect.flow_run_id": str(flow_run.id), "stages": ",".join(selected)}
     # the context manager ends the run FAILED if a stage raises
     with mlflow.start_run(experiment_id=experiment_id, run_name="pipeline", tags=tags) as parent:
         for stage in selected:

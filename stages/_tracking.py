@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def stage_param_keys(stage: str) -> list[str]:
     return [k.split(".")[0] for k in keys]
 
 
-def _git_commit() -> str:
+def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else ""
@@ -85,7 +86,9 @@ class StageRun:
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
-        source = resolve_dataset_source(Path(path).resolve().as_uri())
+        with warnings.catch_warnings():  # two equivalent local-file source classes match; either is right
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(Path(path).resolve().as_uri())
         self._mlflow.log_input(MetaDataset(source, name=name, digest=digest and digest[:16]), context=context)
 
     def set_tags(self, tags: dict) -> None:
@@ -101,7 +104,7 @@ def tracked_run(stage: str, params):
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent):
         mlflow.set_tags({
             "dvc.stage": stage,
-            "git.commit": _git_commit(),
+            "git.commit": git_commit(),
             "dvc.exp": os.environ.get("DVC_EXP_NAME", ""),
         })
         # log exactly the params dvc.yaml says this stage reads

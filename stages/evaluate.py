@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch_fidelity
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
@@ -31,10 +32,12 @@ def main() -> None:
         print(f"evaluate: {len(generated)} samples vs {len(reference)} test images, {INCEPTION} features")
         t0 = time.perf_counter()
         metrics = fidelity_metrics(generated, reference, extractor=INCEPTION, batch_size=cfg.batch_size,
-                                   prc_neighborhood=cfg.prc_neighborhood, device=str(runtime.device))
+                                   prc_neighborhood=cfg.prc_neighborhood, device=str(runtime.device), kid=True)
         seconds = time.perf_counter() - t0
         metrics.update({
-            "reference_split": "test", "prc_neighborhood": cfg.prc_neighborhood, "seconds": round(seconds, 1),
+            "reference_split": "test", "reference_images": f"first {len(reference)} of the prepared test split",
+            "resize": "bilinear to 299x299, TF1-compatible (torch-fidelity)", "prc_neighborhood": cfg.prc_neighborhood,
+            "torch_fidelity_version": torch_fidelity.__version__, "seconds": round(seconds, 1),
             "images_per_second": round((len(generated) + len(reference)) / seconds, 1),
         })
         write_json_atomic("metrics/evaluate.json", metrics)

