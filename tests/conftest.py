@@ -13,6 +13,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
     """A working copy of the project as a user would clone it (tracked + new files), with `params` as params.yaml."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
                            text=True, check=True).stdout.split()
@@ -33,8 +34,14 @@ def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run a command with this interpreter's environment first on PATH (so `dvc` calls the venv's python)."""
-    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None)
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "VQPRIOR_PARENT_RUN_ID")}
+    full_env |= {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        # the code of the folder under test, not the editable install's
+        "PYTHONPATH": f"{cwd / 'src'}{os.pathsep}{cwd}",
+        **(env or {}),
+    }
     return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

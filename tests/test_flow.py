@@ -1,15 +1,13 @@
 """The Prefect pipeline: stage order derived from dvc.yaml, and one real run of `prepare` in a copy of the repo."""
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import copy_repo, run
 from flows.pipeline import select, stage_order
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,18 +63,6 @@ def test_select_keeps_dag_order_and_rejects_unknown_names(monkeypatch):
         select(["nope"])
 
 
-def _copy_repo(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
-                           capture_output=True, text=True).stdout.split("\0")
-    for name in filter(None, files):
-        if (REPO / name).is_file():  # a file deleted but not yet committed is still listed
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    shutil.copy2(dest / "profiles" / "smoke.yaml", dest / "params.yaml")
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)  # DVC wants an SCM
-    return dest
-
-
 def _runs(copy: Path):
     import mlflow
 
@@ -85,18 +71,14 @@ def _runs(copy: Path):
 
 
 def test_flow_runs_prepare_in_a_copy_and_dvc_skips_it_the_second_time(tmp_path):
-    copy = _copy_repo(tmp_path / "repo")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "VQPRIOR_PARENT_RUN_ID")}
-    env |= {
-        "PYTHONPATH": f"{copy / 'src'}{os.pathsep}{copy}",  # the copy's code, not the editable install's
+    copy = copy_repo(tmp_path / "repo")
+    env = {
         "PREFECT_HOME": str(tmp_path / "prefect"),  # a private temporary-server database
         "COLUMNS": "400",  # Prefect's console handler wraps long lines at the terminal width
     }
 
     def flow(*args):
-        proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *args], cwd=copy, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = run([sys.executable, "-m", "flows.pipeline", *args], copy, env=env, timeout=300)
         return proc.returncode, proc.stdout + proc.stderr
 
     rc, out = flow("--stages", "prepare")

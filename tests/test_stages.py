@@ -7,7 +7,7 @@ from conftest import ROOT, run
 
 
 def stage(name, cwd):
-    return run([sys.executable, "-m", f"stages.{name}"], cwd, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    return run([sys.executable, "-m", f"stages.{name}"], cwd, env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}, timeout=120)
 
 
 def test_bad_param_stops_the_stage_with_one_line(tmp_path):
