@@ -141,5 +141,5 @@ def test_real_inception_separates_images_from_noise():
     near = M.fidelity_metrics(a, b, batch_size=10)
     far = M.fidelity_metrics(uniform_noise((30, 1, 28, 28)), b, batch_size=10)
     assert near["feature_layer"] == far["feature_layer"] == "2048"
-    assert far["fid"] > 150 and far["fid"] > 2 * near["fid"], (near["fid"], far["fid"])
+    assert far["fid"] > 300 and near["fid"] < far["fid"] / 2, (near["fid"], far["fid"])  # measured ~150 vs ~440
     assert far["precision"] == 0.0
