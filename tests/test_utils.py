@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqprior.config import ComputeParams
+from vqprior.io import atomic_path, write_json_atomic
+from vqprior.plots import save_grid, write_history_csv
+from vqprior.runtime import cpu_has_bf16, resolve_runtime
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "m.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left behind
+
+
+def test_runtime_resolution_on_cpu():
+    rt = resolve_runtime(ComputeParams(device="cpu", precision="fp32"))
+    assert rt.device.type == "cpu" and rt.precision == "fp32"
+    auto = resolve_runtime(ComputeParams(device="cpu", precision="auto"))
+    assert auto.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    with auto.autocast():
+        y = torch.ones(4, 4) @ torch.ones(4, 4)
+    assert y.dtype == (torch.bfloat16 if auto.precision == "bf16" else torch.float32)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA GPU"):
+            resolve_runtime(ComputeParams(device="cuda"))
+
+
+def test_grid_png_layout(tmp_path):
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 4, 5) * 40
+    save_grid(images, tmp_path / "g.png", nrow=3, pad=1)
+    png = np.array(Image.open(tmp_path / "g.png"))
+    assert png.shape == (2 * 5 + 1, 3 * 6 + 1)  # rows of 4+1 px, columns of 5+1 px
+    assert png[1, 1] == 0 and png[1, 7] == 40 and png[6, 1] == 120 and png[0, 0] == 255
+
+
+def test_history_csv(tmp_path):
+    write_history_csv(tmp_path / "h.csv", [{"loss": 1.0, "lr": 0.1}, {"loss": 0.5, "lr": 0.05}])
+    assert (tmp_path / "h.csv").read_text().splitlines() == ["epoch,loss,lr", "1,1,0.1", "2,0.5,0.05"]
