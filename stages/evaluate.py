@@ -26,7 +26,7 @@ def main() -> None:
             raise SystemExit(f"error: {samples_path} not found; run `dvc repro sample` first")
         generated = torch.from_numpy(np.load(samples_path))
         test = read_images("data/prepared/test.parquet", limit=cfg.num_reference)
-        reference = torch.from_numpy(test.images).permute(0, 3, 1, 2).contiguous()
+        reference = torch.from_numpy(test.images.copy()).permute(0, 3, 1, 2).contiguous()  # Parquet buffers are read-only
         if len(reference) < cfg.num_reference:
             print(f"evaluate: only {len(reference)} test images, fewer than evaluate.num_reference={cfg.num_reference}")
         print(f"evaluate: {len(generated)} samples vs {len(reference)} test images, {INCEPTION} features")

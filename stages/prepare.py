@@ -53,8 +53,10 @@ def main() -> None:
         save_grid(torch.from_numpy(train.images[pick]).permute(0, 3, 1, 2), "reports/prepare_examples.png", nrow=8)
 
         summary = report.as_dict()
+        metrics = {f"{k}_images": v for k, v in report.split_sizes.items()} | {"dropped_total": summary["dropped_total"]}
+        write_json_atomic("metrics/prepare.json", metrics)
         print(f"prepare: splits {report.split_sizes}, dropped {summary['dropped_total']} ({summary['dropped']})")
-        run.log_metrics({f"{k}_images": v for k, v in report.split_sizes.items()} | {"dropped_total": summary["dropped_total"]})
+        run.log_metrics(metrics)
         for name in splits:
             run.log_dataset(OUT / f"{name}.parquet", name=f"fashion_mnist_{name}", context=name, digest=hashes[name])
         run.log_artifact("reports/prepare.json")

@@ -14,7 +14,7 @@ from vqprior.models import save_model
 from vqprior.models.prior import Prior
 from vqprior.plots import write_history_csv
 from vqprior.runtime import resolve_runtime, seed_everything
-from vqprior.training import fit
+from vqprior.training import fingerprint, fit
 
 CODES = Path("data/codes")
 CHECKPOINT = Path("checkpoints/train_prior.pt")
@@ -53,6 +53,7 @@ def main() -> None:
         result = fit(
             prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, 512, runtime.device), cfg.train, runtime,
             seed=p.seed, checkpoint=CHECKPOINT, monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
+            fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta),
         )
         save_model("models/prior.pt", prior, vocab=train.codebook_size, length=length, grid=list(train.grid),
                    vqvae_sha256=train.meta["vqvae_sha256"])

@@ -8,14 +8,14 @@ import torch
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.data.images import read_images, to_model_input, to_uint8
+from vqprior.data.images import load_stats, read_images, to_model_input, to_uint8
 from vqprior.io import write_json_atomic
 from vqprior.models import save_model
 from vqprior.models.quantizer import codebook_stats
 from vqprior.models.vqvae import VQVAE
 from vqprior.plots import save_grid, write_history_csv
 from vqprior.runtime import resolve_runtime, seed_everything
-from vqprior.training import fit
+from vqprior.training import fingerprint, fit
 
 PREPARED = Path("data/prepared")
 CHECKPOINT = Path("checkpoints/train_vqvae.pt")  # resume state; removed once the stage finishes
@@ -63,16 +63,25 @@ def main() -> None:
               f"{sum(t.numel() for t in model.parameters()):,} params, {runtime.device} {runtime.precision}")
 
         def step(idx):
-            loss, stats, _ = model.loss(x_train[idx].to(runtime.device))
+            x = x_train[idx].to(runtime.device)
+            if cfg.hflip:  # flip a random half of the batch
+                flip = torch.rand(len(x), device=x.device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss, stats, _ = model.loss(x)
             return loss, stats
 
         def on_epoch(epoch, metrics):
+            metrics["train_psnr"] = 10 * math.log10(1 / max(metrics["train_mse"], 1e-12))
             metrics["dead_code_restarts"], model.quantizer.restarts = model.quantizer.restarts, 0
             run.log_epoch(epoch, metrics)
+            grid = f"reports/vqvae_epochs/epoch_{epoch:03d}.png"
+            reconstruction_grid(model, x_val[:32], grid, runtime)
+            run.log_artifact(grid, "reconstructions")
 
         result = fit(
             model, len(x_train), step, lambda: evaluate_vqvae(model, x_val, 1024, runtime), cfg.train, runtime,
             seed=p.seed, checkpoint=CHECKPOINT, monitor="mse", on_epoch=on_epoch, desc="train_vqvae",
+            fingerprint=fingerprint(p.seed, p.compute, cfg, load_stats(PREPARED)["sha256"]),
         )
         save_model("models/vqvae.pt", model, in_channels=c, image_shape=[h, w, c])
         test_metrics = evaluate_vqvae(model, x_test, 1024, runtime)
@@ -85,10 +94,10 @@ def main() -> None:
         }
         write_json_atomic("metrics/train_vqvae.json", metrics)
         write_history_csv("plots/train_vqvae.csv", result.history)
-        reconstruction_grid(model, x_val[:32], "reports/vqvae_reconstructions.png", runtime)
+        reconstruction_grid(model, x_val[:32], "reports/vqvae_reconstructions.png", runtime)  # the best epoch's
+        run.log_artifact("reports/vqvae_reconstructions.png")
         run.log_metrics(metrics)
-        for path in ("reports/vqvae_reconstructions.png", "plots/train_vqvae.csv"):
-            run.log_artifact(path)
+        run.log_artifact("plots/train_vqvae.csv")
         CHECKPOINT.unlink(missing_ok=True)
         print(f"train_vqvae: test MSE {metrics['test_mse']:.5f} (PSNR {metrics['test_psnr']:.2f} dB), "
               f"usage {metrics['codebook_usage']:.3f}, perplexity {metrics['perplexity']:.1f}")

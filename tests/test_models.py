@@ -40,6 +40,31 @@ def test_quantizer_initialises_from_data_and_snaps_to_nearest():
     assert torch.equal(codes.flatten(), brute)
 
 
+def test_kmeans_init_spreads_codes_over_clustered_data():
+    torch.manual_seed(0)
+    centres = torch.randn(16, 4) * 10
+    z = (centres[torch.arange(16).repeat(8)] + 0.1 * torch.randn(128, 4)).view(2, 8, 8, 4).permute(0, 3, 1, 2)
+    sampled, kmeans = EMAQuantizer(16, 4, kmeans_iters=0), EMAQuantizer(16, 4, kmeans_iters=10)
+    used = {}
+    for name, q in (("sampled", sampled), ("kmeans", kmeans)):
+        q.train()
+        q(z)
+        q.eval()
+        used[name] = len(q(z)[1].unique())
+    assert used["kmeans"] >= 15 and used["kmeans"] >= used["sampled"]
+
+
+def test_l2_normalised_lookup_keeps_unit_codes():
+    torch.manual_seed(0)
+    q = EMAQuantizer(8, 4, l2_normalize=True).train()
+    z = torch.randn(2, 4, 3, 3) * 5
+    quantised, codes, _ = q(z)
+    assert torch.allclose(q.codebook.norm(dim=1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(quantised.norm(dim=1), torch.ones(2, 3, 3), atol=1e-5)
+    flat = torch.nn.functional.normalize(z.permute(0, 2, 3, 1).reshape(-1, 4), dim=1)
+    assert torch.equal(q.eval()(z)[1].flatten(), (flat @ q.codebook.t()).argmax(1))
+
+
 def test_dead_code_is_restarted_on_encoder_outputs():
     torch.manual_seed(0)
     q = EMAQuantizer(codebook_size=8, dim=2, dead_code_steps=3)
@@ -70,6 +95,16 @@ def test_vqvae_shapes_and_loss_falls_on_a_small_batch():
         losses.append(stats["recon_loss"].item())
     assert losses[-1] < 0.6 * losses[0]
     assert model.decode(model.encode(x)).shape == x.shape
+
+
+def test_l1_reconstruction_loss_is_selectable():
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    model = VQVAE(SMALL_VQ.model_copy(update={"recon_loss": "l1"})).eval()
+    loss, stats, _ = model.loss(x)
+    recon = model(x)[0]
+    assert stats["recon_loss"].item() == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
+    assert stats["mse"].item() == pytest.approx(((recon - x) ** 2).mean().item() / 4, rel=1e-5)
 
 
 def test_checkpoints_round_trip(tmp_path):

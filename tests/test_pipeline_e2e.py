@@ -30,7 +30,9 @@ def test_smoke_dag_end_to_end(smoke_repo):
         assert (smoke_repo / f"reports/{png}.png").stat().st_size > 1000
 
     metrics = {s: json.loads((smoke_repo / f"metrics/{s}.json").read_text())
-               for s in ("train_vqvae", "extract_codes", "train_prior", "sample", "evaluate")}
+               for s in ("prepare", "train_vqvae", "extract_codes", "train_prior", "sample", "evaluate")}
+    assert metrics["prepare"] == {"train_images": 2700, "val_images": 300, "test_images": 500, "dropped_total": 0}
+    assert len(list((smoke_repo / "reports/vqvae_epochs").glob("epoch_*.png"))) == 3
     assert metrics["train_vqvae"]["test_mse"] < 0.05 and metrics["train_vqvae"]["epochs"] == 3
     assert metrics["extract_codes"]["images"] == 3500
     assert 0 < metrics["train_prior"]["val_nll"] < np.log(64)  # better than uniform over 64 codes

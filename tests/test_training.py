@@ -59,6 +59,17 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
         assert torch.equal(v, full[k]), k
 
 
+def test_checkpoint_from_other_params_is_not_resumed(tmp_path, capsys):
+    model, step, evaluate = make_problem()
+    ckpt = tmp_path / "c.pt"
+    short = P.model_copy(update={"epochs": 2})
+    fit(model, 64, step, evaluate, short, CPU, seed=1, checkpoint=ckpt, monitor="loss", fingerprint="lr=0.01")
+    model, step, evaluate = make_problem()
+    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss", fingerprint="lr=0.02")
+    assert "ignoring" in capsys.readouterr().out
+    assert result.epochs == 4 and len(result.history) == 4  # started afresh, not from epoch 2
+
+
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     model, step, evaluate = make_problem()
     calls = {"n": 0}

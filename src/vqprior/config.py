@@ -63,11 +63,15 @@ class VQVAEModelParams(Section):
     ema_decay: float = Field(0.99, gt=0, lt=1)
     commitment: float = Field(0.25, ge=0)
     dead_code_steps: int = Field(50, ge=1, description="steps unused before a code is restarted")
+    kmeans_iters: int = Field(10, ge=0, description="k-means steps on the first batch's encoder outputs; 0 samples them")
+    l2_normalize: bool = Field(False, description="look codes up by cosine similarity of l2-normalised vectors")
+    recon_loss: Literal["mse", "l1"] = "mse"
 
 
 class TrainVQVAEParams(Section):
     model: VQVAEModelParams = VQVAEModelParams()
     train: TrainParams = TrainParams()
+    hflip: bool = Field(False, description="random horizontal flips of training images")
 
 
 class ExtractCodesParams(Section):

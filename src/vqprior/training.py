@@ -2,6 +2,8 @@
 an atomic checkpoint each epoch and resume from it, and a clear stop on a NaN loss."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,11 @@ from .runtime import Runtime
 class TrainingDiverged(SystemExit):
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of params and input hashes: what a checkpoint must match to be resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -65,17 +72,23 @@ def fit(
     monitor: str,
     on_epoch: Callable[[int, dict], None] = lambda epoch, metrics: None,
     desc: str = "train",
+    fingerprint: str = "",
 ) -> FitResult:
     """Train `model`; `train_step(index_batch)` returns (loss, stats) and `evaluate()` returns val metrics.
 
-    The best weights (lowest `monitor`) are restored into `model` at the end.
+    The best weights (lowest `monitor`) are restored into `model` at the end. A checkpoint is resumed only
+    if its `fingerprint` (a hash of the params and inputs) matches, so a crashed run with other params is
+    never continued by mistake.
     """
     opt = adamw(model, p)
     steps_per_epoch = max(1, train_size // p.batch_size)
     total = steps_per_epoch * p.epochs
     result, best_state, bad_epochs, start_epoch = FitResult(), None, 0, 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.exists() else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        print(f"{desc}: ignoring {checkpoint}: it was written with other params or inputs")
+        state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
@@ -135,7 +148,7 @@ def fit(
             torch.save({
                 "model": model.state_dict(), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
                 "history": result.history, "best": result.best, "bad_epochs": bad_epochs,
-                "best_model": best_state, "epoch": epoch + 1, "seconds": result.seconds,
+                "best_model": best_state, "epoch": epoch + 1, "seconds": result.seconds, "fingerprint": fingerprint,
             }, tmp)
     if bad_epochs >= p.patience and len(result.history) < p.epochs:
         result.stopped_early = True

@@ -8,10 +8,11 @@ from torch import nn
 
 class EMAQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, commitment: float = 0.25,
-                 dead_code_steps: int = 50, eps: float = 1e-5):
+                 dead_code_steps: int = 50, kmeans_iters: int = 10, l2_normalize: bool = False, eps: float = 1e-5):
         super().__init__()
         self.codebook_size, self.dim = codebook_size, dim
         self.decay, self.commitment, self.dead_code_steps, self.eps = decay, commitment, dead_code_steps, eps
+        self.kmeans_iters, self.l2_normalize = kmeans_iters, l2_normalize
         self.register_buffer("codebook", torch.randn(codebook_size, dim) * 0.1)
         self.register_buffer("cluster_size", torch.ones(codebook_size))
         self.register_buffer("embed_sum", self.codebook.clone())
@@ -24,12 +25,22 @@ class EMAQuantizer(nn.Module):
         scores = flat @ self.codebook.t() * -2 + self.codebook.pow(2).sum(1)
         return scores.argmin(dim=1)
 
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.l2_normalize else x
+
     @torch.no_grad()
     def _init_from(self, flat: torch.Tensor) -> None:
-        # start the codebook on real encoder outputs so no code begins far from the data
-        idx = torch.randint(len(flat), (self.codebook_size,), device=flat.device)
-        self.codebook.copy_(flat[idx])
-        self.embed_sum.copy_(flat[idx])
+        """k-means on the first batch's encoder outputs, so every code starts where the data is."""
+        centres = flat[torch.randint(len(flat), (self.codebook_size,), device=flat.device)]
+        for _ in range(self.kmeans_iters):
+            assign = (flat @ centres.t() * -2 + centres.pow(2).sum(1)).argmin(1)
+            counts = torch.bincount(assign, minlength=self.codebook_size)
+            sums = torch.zeros_like(centres).index_add_(0, assign, flat)
+            # an empty cluster keeps its old centre
+            centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
+            centres = self._norm(centres)
+        self.codebook.copy_(centres)
+        self.embed_sum.copy_(centres)
         self.cluster_size.fill_(1.0)
         self.initialised.fill_(True)
 
@@ -41,7 +52,7 @@ class EMAQuantizer(nn.Module):
         self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n  # Laplace smoothing
-        self.codebook.copy_(self.embed_sum / smoothed.unsqueeze(1))
+        self.codebook.copy_(self._norm(self.embed_sum / smoothed.unsqueeze(1)))
 
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.steps_unused >= self.dead_code_steps).nonzero().squeeze(1)
@@ -57,14 +68,15 @@ class EMAQuantizer(nn.Module):
     def forward(self, z: torch.Tensor):
         """z: N x D x H x W -> (quantised with straight-through gradient, codes N x H x W, commitment loss)."""
         n, d, h, w = z.shape
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d).float()
+        z = self._norm(z.float().permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.training and not bool(self.initialised):
             self._init_from(flat.detach())
         codes = self.nearest(flat.detach())
         if self.training:
             self._ema_update(flat.detach(), codes)
         quantised = self.codebook[codes].view(n, h, w, d).permute(0, 3, 1, 2)
-        commit = F.mse_loss(z.float(), quantised.detach()) * self.commitment
+        commit = F.mse_loss(z, quantised.detach()) * self.commitment
         quantised = z + (quantised - z).detach()
         return quantised, codes.view(n, h, w), commit
 

@@ -34,7 +34,8 @@ class VQVAE(nn.Module):
         enc += [nn.Conv2d(prev, c, 3, padding=1)] + [ResBlock(c) for _ in range(p.res_blocks)]
         enc += [nn.GELU(), nn.Conv2d(c, p.code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
-        self.quantizer = EMAQuantizer(p.codebook_size, p.code_dim, p.ema_decay, p.commitment, p.dead_code_steps)
+        self.quantizer = EMAQuantizer(p.codebook_size, p.code_dim, p.ema_decay, p.commitment, p.dead_code_steps,
+                                      p.kmeans_iters, p.l2_normalize)
         dec = [nn.Conv2d(p.code_dim, c, 3, padding=1)] + [ResBlock(c) for _ in range(p.res_blocks)] + [nn.GELU()]
         prev = c
         for w in reversed(widths):
@@ -63,5 +64,8 @@ class VQVAE(nn.Module):
 
     def loss(self, x: torch.Tensor):
         recon, codes, commit = self(x)
-        rec = F.mse_loss(recon.float(), x)
-        return rec + commit, {"recon_loss": rec.detach(), "commit_loss": commit.detach()}, codes
+        recon = recon.float()
+        mse = F.mse_loss(recon, x)
+        rec = mse if self.config.recon_loss == "mse" else F.l1_loss(recon, x)
+        # mse is reported in [0, 1] pixel units: [-1, 1] -> [0, 1] divides squared error by 4
+        return rec + commit, {"recon_loss": rec.detach(), "commit_loss": commit.detach(), "mse": mse.detach() / 4}, codes

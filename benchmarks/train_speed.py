@@ -1,0 +1,96 @@
+"""Training and inference speed, fp32 vs bf16 autocast, side by side in one run (same model, same batch).
+
+    python benchmarks/train_speed.py              # VQ-VAE and prior at the default params.yaml sizes
+    python benchmarks/train_speed.py --steps 20   # longer, steadier timing
+
+Prints a table: VQ-VAE training images/s, VQ-VAE encode images/s, prior training tokens/s, and prior sampling
+samples/s with the KV cache vs recomputing the whole prefix each step.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from vqprior.config import load_params
+from vqprior.models.prior import Prior
+from vqprior.models.vqvae import VQVAE
+from vqprior.runtime import cpu_has_bf16
+from vqprior.sampling import sample_codes
+
+
+def timed(fn, steps: int) -> float:
+    fn()  # warm-up: oneDNN picks kernels on the first call
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def train_step(model, opt, loss_fn, precision):
+    def step():
+        with autocast(precision):
+            loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--steps", type=int, default=8)
+    args = ap.parse_args()
+    p = load_params(args.params)
+    torch.manual_seed(0)
+    precisions = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+    rows = []
+
+    vq_batch = p.train_vqvae.train.batch_size
+    x = torch.rand(vq_batch, 1, 28, 28) * 2 - 1
+    for precision in precisions:
+        model = VQVAE(p.train_vqvae.model)
+        opt = torch.optim.AdamW(model.parameters())
+        dt = timed(train_step(model, opt, lambda: model.loss(x)[0], precision), args.steps)
+        rows.append(("VQ-VAE train", precision, f"batch {vq_batch}", vq_batch / dt, "images/s"))
+        model.eval()
+        xe = torch.rand(1024, 1, 28, 28) * 2 - 1
+        with autocast(precision):
+            dt = timed(lambda: model.encode(xe), max(2, args.steps // 2))
+        rows.append(("VQ-VAE encode", precision, "batch 1024", 1024 / dt, "images/s"))
+
+    length, vocab, pb = 49, p.train_vqvae.model.codebook_size, p.train_prior.train.batch_size
+    codes = torch.randint(0, vocab, (pb, length))
+    for precision in precisions:
+        prior = Prior(p.train_prior.model, vocab=vocab, length=length)
+        opt = torch.optim.AdamW(prior.parameters())
+        dt = timed(train_step(prior, opt, lambda: prior.loss(codes)[0], precision), args.steps)
+        rows.append(("prior train", precision, f"batch {pb}", pb * length / dt, "tokens/s"))
+
+    prior = Prior(p.train_prior.model, vocab=vocab, length=length).eval()
+    n = 64
+    for use_cache in (True, False):
+        with autocast(precisions[-1]):
+            dt = timed(lambda: sample_codes(prior, n, use_cache=use_cache), 1)
+        rows.append(("prior sample", precisions[-1], "KV cache" if use_cache else "full recompute", n / dt, "samples/s"))
+
+    print(f"\n{'what':<14} {'precision':<9} {'setting':<15} {'speed':>10}  unit   (torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads)")
+    for what, precision, setting, speed, unit in rows:
+        print(f"{what:<14} {precision:<9} {setting:<15} {speed:>10.0f}  {unit}")
+    speed = {(what, precision, setting): v for what, precision, setting, v, _ in rows}
+    if "bf16" in precisions:
+        for what, setting in (("VQ-VAE train", f"batch {vq_batch}"), ("prior train", f"batch {pb}")):
+            print(f"bf16 / fp32, {what}: {speed[(what, 'bf16', setting)] / speed[(what, 'fp32', setting)]:.2f}x")
+    last = precisions[-1]
+    print(f"KV cache / full recompute: "
+          f"{speed[('prior sample', last, 'KV cache')] / speed[('prior sample', last, 'full recompute')]:.2f}x")
+
+if __name__ == "__main__":
+    main()
