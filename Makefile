@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install data flow dag metrics clean-outputs
+.PHONY: run test install data flow dag metrics
 
 run: install data ## the whole DAG with params.yaml
 	$(BIN)/dvc repro

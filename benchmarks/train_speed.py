@@ -65,7 +65,8 @@ def main() -> None:
             dt = timed(lambda: model.encode(xe), max(2, args.steps // 2))
         rows.append(("VQ-VAE encode", precision, "batch 1024", 1024 / dt, "images/s"))
 
-    length, vocab, pb = 49, p.train_vqvae.model.codebook_size, p.train_prior.train.batch_size
+    grid_h, grid_w = VQVAE(p.train_vqvae.model).grid_size(28, 28)  # the code grid the prior models
+    length, vocab, pb = grid_h * grid_w, p.train_vqvae.model.codebook_size, p.train_prior.train.batch_size
     codes = torch.randint(0, vocab, (pb, length))
     for precision in precisions:
         prior = Prior(p.train_prior.model, vocab=vocab, length=length)
@@ -91,6 +92,7 @@ def main() -> None:
     last = precisions[-1]
     print(f"KV cache / full recompute: "
           f"{speed[('prior sample', last, 'KV cache')] / speed[('prior sample', last, 'full recompute')]:.2f}x")
+
 
 if __name__ == "__main__":
     main()
