@@ -13,7 +13,7 @@ from vqprior.codes import CodeWriter
 from vqprior.config import load_params
 from vqprior.data.images import file_sha256, iter_image_batches, load_stats, to_model_input
 from vqprior.io import write_json_atomic
-from vqprior.models import load_vqvae
+from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
 
 PREPARED, OUT = Path("data/prepared"), Path("data/codes")

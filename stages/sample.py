@@ -11,7 +11,8 @@ from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.data.images import to_uint8
 from vqprior.io import atomic_path, write_json_atomic
-from vqprior.models import load_prior, load_vqvae
+from vqprior.models.prior import load_prior
+from vqprior.models.vqvae import load_vqvae
 from vqprior.plots import save_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import sample_in_batches

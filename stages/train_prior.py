@@ -44,6 +44,7 @@ def main() -> None:
         x_train = torch.from_numpy(train.codes.reshape(len(train.codes), -1).astype("int64"))
         x_val = torch.from_numpy(val.codes.reshape(len(val.codes), -1).astype("int64"))
         prior = Prior(cfg.model, vocab=train.codebook_size, length=length).to(runtime.device)
+        runtime.maybe_compile(prior)
         print(f"train_prior: {len(x_train)} grids of {train.grid[0]}x{train.grid[1]} codes (vocab {train.codebook_size}), "
               f"{prior.num_params():,} params, {runtime.device} {runtime.precision}")
 

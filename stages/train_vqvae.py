@@ -59,6 +59,7 @@ def main() -> None:
         x_train, x_val, x_test = (to_model_input(s.images) for s in (train, val, test))
         h, w, c = train.shape
         model = VQVAE(cfg.model, in_channels=c).to(runtime.device)
+        runtime.maybe_compile(model.encoder, model.decoder)  # the quantiser's data-dependent updates stay eager
         print(f"train_vqvae: {len(x_train)} images {h}x{w}x{c} -> {model.grid_size(h, w)} codes, "
               f"{sum(t.numel() for t in model.parameters()):,} params, {runtime.device} {runtime.precision}")
 

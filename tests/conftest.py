@@ -32,17 +32,20 @@ def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:
     return dest
 
 
-def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run a command with this interpreter's environment first on PATH (so `dvc` calls the venv's python)."""
+def subprocess_env(cwd: Path, env: dict | None = None) -> dict:
+    """This interpreter's environment first on PATH (so `dvc` calls the venv's python), the code of `cwd`."""
     full_env = {k: v for k, v in os.environ.items()
                 if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "VQPRIOR_PARENT_RUN_ID")}
-    full_env |= {
+    return full_env | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         # the code of the folder under test, not the editable install's
         "PYTHONPATH": f"{cwd / 'src'}{os.pathsep}{cwd}",
         **(env or {}),
     }
-    return subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(cwd, env), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from vqprior.config import PriorModelParams, VQVAEModelParams
-from vqprior.models import load_prior, load_vqvae, save_model
-from vqprior.models.prior import Prior
+from vqprior.models import save_model
+from vqprior.models.prior import Prior, load_prior
 from vqprior.models.quantizer import EMAQuantizer, codebook_stats
-from vqprior.models.vqvae import VQVAE
+from vqprior.models.vqvae import VQVAE, load_vqvae
 from vqprior.sampling import filter_logits, sample_codes
 
 SMALL_VQ = VQVAEModelParams(channels=16, res_blocks=1, downsamples=2, codebook_size=16, code_dim=8)

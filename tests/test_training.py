@@ -91,3 +91,16 @@ def test_lr_schedule_warms_up_then_decays():
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert values[-1] == pytest.approx(0.1, abs=0.01)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(tmp_path):
+    model, step, _ = make_problem()
+    val_losses = iter([1.0, 0.5, 0.6, 0.7, 0.4, 0.3])  # best at epoch 2, then two worse epochs
+
+    def evaluate():
+        return {"loss": next(val_losses)}
+
+    p = P.model_copy(update={"epochs": 6, "patience": 2})
+    result = fit(model, 64, step, evaluate, p, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss")
+    assert result.stopped_early and result.epochs == 4
+    assert result.best["epoch"] == 2 and result.best["val_loss"] == 0.5

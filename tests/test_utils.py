@@ -35,6 +35,18 @@ def test_runtime_resolution_on_cpu():
             resolve_runtime(ComputeParams(device="cuda"))
 
 
+def test_compile_option_keeps_names_and_outputs():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    eager, names = model(x), list(model.state_dict())
+    resolve_runtime(ComputeParams(device="cpu", precision="fp32", compile=False)).maybe_compile(model)
+    assert model._compiled_call_impl is None
+    resolve_runtime(ComputeParams(device="cpu", precision="fp32", compile=True)).maybe_compile(model)
+    assert model._compiled_call_impl is not None
+    assert list(model.state_dict()) == names  # checkpoints load into compiled and eager models alike
+    torch.testing.assert_close(model(x), eager)
+
+
 def test_grid_png_layout(tmp_path):
     images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 4, 5) * 40
     save_grid(images, tmp_path / "g.png", nrow=3, pad=1)

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .data.images import labels_to_numpy
 from .io import atomic_path
 
 META_KEY = b"vqprior"
@@ -96,6 +97,5 @@ def read_codes(path: str | Path) -> CodeGrid:
     meta = json.loads(table.schema.metadata[META_KEY])
     h, w = meta["grid_height"], meta["grid_width"]
     flat = table.column("codes").combine_chunks().flatten().to_numpy()
-    labels = table.column("label").to_numpy(zero_copy_only=False)
-    labels = np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64)
-    return CodeGrid(flat.reshape(len(table), h, w), labels, table.column("index").to_numpy(), meta)
+    return CodeGrid(flat.reshape(len(table), h, w), labels_to_numpy(table.column("label")),
+                    table.column("index").to_numpy(), meta)

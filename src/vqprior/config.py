@@ -33,6 +33,7 @@ class ComputeParams(Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
+    compile: bool = Field(False, description="torch.compile the training models (pays off on GPUs; not on 2 CPU cores)")
 
 
 class PrepareParams(Section):

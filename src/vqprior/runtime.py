@@ -25,6 +25,13 @@ def cpu_has_bf16() -> bool:
 class Runtime:
     device: torch.device
     precision: str  # "fp32" or "bf16"
+    compile: bool = False
+
+    def maybe_compile(self, *modules: torch.nn.Module) -> None:
+        """torch.compile in place (parameter names unchanged, so checkpoints stay interchangeable)."""
+        if self.compile:
+            for module in modules:
+                module.compile()
 
     def autocast(self):
         if self.precision != "bf16":
@@ -54,7 +61,7 @@ def resolve_runtime(p: ComputeParams) -> Runtime:
             precision = "bf16" if cpu_has_bf16() else "fp32"
         else:
             precision = "fp32"
-    return Runtime(device=device, precision=precision)
+    return Runtime(device=device, precision=precision, compile=p.compile)
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -99,7 +99,6 @@ def fit(
 
     for epoch in range(start_epoch, p.epochs):
         if bad_epochs >= p.patience:
-            result.stopped_early = True
             break
         t0 = time.perf_counter()
         model.train()

@@ -61,25 +61,35 @@ def write_images(path: str | Path, images: np.ndarray, labels: np.ndarray) -> No
             writer.write_batch(batch)
 
 
-def read_images(path: str | Path, limit: int | None = None) -> ImageSplit:
+def _image_shape(path: Path, schema: pa.Schema) -> tuple[int, int, int]:
+    meta = schema.metadata or {}
+    try:
+        return tuple(int(meta[k]) for k in (b"height", b"width", b"channels"))
+    except KeyError:
+        raise SystemExit(f"error: {path} lacks height/width/channels metadata; re-run `dvc repro prepare`") from None
+
+
+def labels_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A nullable label column -> int64 with -1 where the label is unknown."""
+    return column.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"error: {path} not found; run `dvc repro prepare` first")
+    return path
+
+
+def read_images(path: str | Path, limit: int | None = None) -> ImageSplit:
+    path = _existing(path)
     table = pq.read_table(path)
-    meta = table.schema.metadata or {}
-    try:
-        h, w, c = (int(meta[k]) for k in (b"height", b"width", b"channels"))
-    except KeyError:
-        raise SystemExit(f"error: {path} lacks height/width/channels metadata; re-run `dvc repro prepare`") from None
+    h, w, c = _image_shape(path, table.schema)
     if limit is not None:
         table = table.slice(0, limit)
     pixels = table.column("pixels").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    labels = table.column("label").to_numpy(zero_copy_only=False)
-    return ImageSplit(
-        images=pixels.reshape(len(table), h, w, c),
-        labels=np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64),
-        index=table.column("index").to_numpy(),
-    )
+    return ImageSplit(pixels.reshape(len(table), h, w, c), labels_to_numpy(table.column("label")),
+                      table.column("index").to_numpy())
 
 
 def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -113,14 +123,9 @@ def load_stats(folder: str | Path) -> dict:
 
 def iter_image_batches(path: str | Path, batch_size: int):
     """Stream (images N x H x W x C uint8, labels, index) batches from a prepared split: memory stays flat."""
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `dvc repro prepare` first")
+    path = _existing(path)
     pf = pq.ParquetFile(path)
-    meta = pf.schema_arrow.metadata
-    h, w, c = (int(meta[k]) for k in (b"height", b"width", b"channels"))
+    h, w, c = _image_shape(path, pf.schema_arrow)
     for batch in pf.iter_batches(batch_size=batch_size):
         pixels = batch.column("pixels").flatten().to_numpy(zero_copy_only=False)
-        labels = batch.column("label").to_numpy(zero_copy_only=False)
-        yield (pixels.reshape(len(batch), h, w, c), np.nan_to_num(labels.astype(np.float64), nan=-1).astype(np.int64),
-               batch.column("index").to_numpy())
+        yield pixels.reshape(len(batch), h, w, c), labels_to_numpy(batch.column("label")), batch.column("index").to_numpy()

@@ -1,11 +1,10 @@
-"""Models and their checkpoints: a checkpoint holds the config it was built from, so loading needs no params."""
+"""Model checkpoints hold the config they were built from, so loading needs no params (loaders live beside each model)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from ..config import PriorModelParams, VQVAEModelParams
 from ..io import atomic_path
 
 
@@ -15,7 +14,8 @@ def save_model(path: str | Path, model: torch.nn.Module, **extra) -> None:
         torch.save(state, tmp)
 
 
-def _load(path: str | Path, stage: str) -> dict:
+def read_checkpoint(path: str | Path, stage: str) -> dict:
+    """A saved model's dict; a missing or unreadable file names the stage that writes it."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
@@ -23,21 +23,3 @@ def _load(path: str | Path, stage: str) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise SystemExit(f"error: {path} is not a readable checkpoint ({exc.__class__.__name__}); re-run `dvc repro {stage}`") from None
-
-
-def load_vqvae(path: str | Path, device: torch.device | str = "cpu"):
-    from .vqvae import VQVAE
-
-    state = _load(path, "train_vqvae")
-    model = VQVAE(VQVAEModelParams(**state["config"]), in_channels=state["in_channels"])
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval(), state
-
-
-def load_prior(path: str | Path, device: torch.device | str = "cpu"):
-    from .prior import Prior
-
-    state = _load(path, "train_prior")
-    model = Prior(PriorModelParams(**state["config"]), vocab=state["vocab"], length=state["length"])
-    model.load_state_dict(state["state_dict"])
-    return model.to(device).eval(), state

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PriorModelParams
+from . import read_checkpoint
 
 KVCache = list  # one (keys, values) pair per layer, each B x heads x T x head_dim
 
@@ -95,3 +96,10 @@ class Prior(nn.Module):
             "top5": (top5 == target.unsqueeze(-1)).any(-1).float().mean(),
         }
         return nll, stats
+
+
+def load_prior(path, device: torch.device | str = "cpu") -> tuple[Prior, dict]:
+    state = read_checkpoint(path, "train_prior")
+    model = Prior(PriorModelParams(**state["config"]), vocab=state["vocab"], length=state["length"])
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), state

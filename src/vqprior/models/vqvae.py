@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VQVAEModelParams
+from . import read_checkpoint
 from .quantizer import EMAQuantizer
 
 
@@ -69,3 +70,10 @@ class VQVAE(nn.Module):
         rec = mse if self.config.recon_loss == "mse" else F.l1_loss(recon, x)
         # mse is reported in [0, 1] pixel units: [-1, 1] -> [0, 1] divides squared error by 4
         return rec + commit, {"recon_loss": rec.detach(), "commit_loss": commit.detach(), "mse": mse.detach() / 4}, codes
+
+
+def load_vqvae(path, device: torch.device | str = "cpu") -> tuple[VQVAE, dict]:
+    state = read_checkpoint(path, "train_vqvae")
+    model = VQVAE(VQVAEModelParams(**state["config"]), in_channels=state["in_channels"])
+    model.load_state_dict(state["state_dict"])
+    return model.to(device).eval(), state

@@ -1,0 +1,79 @@
+"""dvc.yaml lists, for each stage, exactly the code the stage runs: a library change re-runs the stages that use it
+and no others. (stages/_tracking.py only logs to MLflow; changing it does not change any output, so it is not a dep.)"""
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT
+
+STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+NOT_DEPS = {"stages/_tracking.py"}
+
+
+def module_file(module: str) -> Path | None:
+    parts = module.split(".")
+    base = ROOT / "src" if parts[0] == "vqprior" else ROOT
+    for candidate in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def imported_files(path: Path) -> set[Path]:
+    """Project files that `path` imports (at any depth of the file, since lazy imports run too)."""
+    package = ".".join(path.relative_to(ROOT / "src" if "src" in path.parts else ROOT).with_suffix("").parts)
+    if path.name != "__init__.py":
+        package = package.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]  # `from . import x` may be a module
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name.split(".")[0] in ("vqprior", "stages") and (file := module_file(name)):
+                found.add(file)
+    return found
+
+
+def closure(start: Path) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(imported_files(path))
+        # importing a.b.c runs the packages' __init__ files on the way
+        for parent in path.parents:
+            if parent in (ROOT, ROOT / "src"):
+                break
+            if (init := parent / "__init__.py").exists() and init != path:
+                todo.append(init)
+    names = {str(p.relative_to(ROOT)) for p in seen}
+    # an __init__ of only a docstring and constants (a version) cannot change a result
+    return {n for n in names if n not in NOT_DEPS and not (n.endswith("__init__.py") and only_constants(ROOT / n))}
+
+
+def only_constants(path: Path) -> bool:
+    return all(isinstance(node, (ast.Expr, ast.Assign)) and isinstance(node.value, ast.Constant)
+               for node in ast.parse(path.read_text()).body)
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+def test_code_deps_are_exactly_the_imported_files(stage):
+    code = closure(ROOT / f"stages/{stage}.py")
+    deps = [d for d in STAGES[stage]["deps"] if d.startswith(("src/", "stages/"))]
+    covered = {c for c in code if any(c == d or c.startswith(d.rstrip("/") + "/") for d in deps)}
+    assert covered == code, f"dvc.yaml stage {stage} is missing deps: {sorted(code - covered)}"
+    unused = [d for d in deps if not any(c == d or c.startswith(d.rstrip("/") + "/") for c in code)]
+    assert not unused, f"dvc.yaml stage {stage} lists deps it does not import: {unused}"
