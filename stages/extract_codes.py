@@ -1,4 +1,8 @@
-"""extract_codes: encode every image of every split into the Parquet code store, streaming in batches."""
+"""extract_codes: encode every image of every split into the Parquet code store, streaming in batches.
+
+With `extract_codes.hflip`, each train image is also encoded flipped left-right (a row tagged "hflip"):
+the encoder is not flip-equivariant, so flipping the image, not the code grid, gives the flipped image's codes.
+"""
 from __future__ import annotations
 
 import resource
@@ -32,24 +36,29 @@ def main() -> None:
             "grid_height": gh, "grid_width": gw, "codebook_size": model.config.codebook_size, "image_shape": state["image_shape"],
             "vqvae_sha256": file_sha256("models/vqvae.pt"), "data_sha256": stats["sha256"],
         }
-        t0, total = time.perf_counter(), sum(stats["counts"].values())
+        t0, total, rows = time.perf_counter(), sum(stats["counts"].values()), 0
         with tqdm(total=total, desc="extract_codes", unit="img", disable=None) as bar:
             for split in SPLITS:
-                with CodeWriter(OUT / f"{split}.parquet", split, meta) as writer:
+                tags = ["none", "hflip"] if p.extract_codes.hflip and split == "train" else ["none"]
+                with CodeWriter(OUT / f"{split}.parquet", split, {**meta, "augmentations": tags}) as writer:
                     for images, labels, index in iter_image_batches(PREPARED / f"{split}.parquet", p.extract_codes.batch_size):
-                        with torch.no_grad(), runtime.autocast():
-                            codes = model.encode(to_model_input(images).to(runtime.device))
-                        writer.write(codes.cpu().numpy(), labels, index)
+                        x = to_model_input(images).to(runtime.device)
+                        for tag in tags:
+                            with torch.no_grad(), runtime.autocast():
+                                codes = model.encode(x.flip(-1) if tag == "hflip" else x)
+                            writer.write(codes.cpu().numpy(), labels, index, augmentation=tag)
                         bar.update(len(images))
+                rows += writer.rows
         seconds = time.perf_counter() - t0
         metrics = {
-            "images": total, "seconds": round(seconds, 2), "images_per_second": round(total / seconds, 1),
+            "images": total, "rows": rows, "seconds": round(seconds, 2), "images_per_second": round(total / seconds, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
             "grid_height": gh, "grid_width": gw, "codebook_size": meta["codebook_size"],
         }
         write_json_atomic("metrics/extract_codes.json", metrics)
         run.log_metrics(metrics)
-        print(f"extract_codes: {total} images in {seconds:.1f}s ({metrics['images_per_second']:.0f} img/s), grid {gh}x{gw}")
+        flips = f" (+{rows - total} flipped train rows)" if rows > total else ""
+        print(f"extract_codes: {total} images{flips} in {seconds:.1f}s ({metrics['images_per_second']:.0f} img/s), grid {gh}x{gw}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""train_prior: a decoder-only Transformer over the flattened code grids."""
+"""train_prior: a decoder-only Transformer over the flattened code grids (class-conditional when num_classes > 0)."""
 from __future__ import annotations
 
 import math
@@ -21,13 +21,13 @@ CHECKPOINT = Path("checkpoints/train_prior.pt")
 
 
 @torch.no_grad()
-def evaluate_prior(prior: Prior, codes: torch.Tensor, batch_size: int, device) -> dict:
-    """Token-weighted NLL (nats/token), bits per image dimension, top-1 and top-5 accuracy."""
+def evaluate_prior(prior: Prior, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int, device) -> dict:
+    """Token-weighted NLL (nats/token), top-1 and top-5 accuracy; given the labels when the prior is conditional."""
     prior.eval()
     sums = {"nll": 0.0, "top1": 0.0, "top5": 0.0}
     for start in range(0, len(codes), batch_size):
         batch = codes[start : start + batch_size].to(device)
-        _, stats = prior.loss(batch)
+        _, stats = prior.loss(batch, None if labels is None else labels[start : start + batch_size].to(device))
         for k in sums:
             sums[k] += float(stats[k]) * len(batch)
     return {k: v / len(codes) for k, v in sums.items()}
@@ -39,20 +39,28 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)
     with tracked_run("train_prior", p) as run:
-        train, val = read_codes(CODES / "train.parquet"), read_codes(CODES / "val.parquet")
+        # train on the flipped rows too when extract_codes stored them; validate on original images only
+        train, val = read_codes(CODES / "train.parquet"), read_codes(CODES / "val.parquet", augmentations=False)
         length = train.grid[0] * train.grid[1]
         x_train = torch.from_numpy(train.codes.reshape(len(train.codes), -1).astype("int64"))
         x_val = torch.from_numpy(val.codes.reshape(len(val.codes), -1).astype("int64"))
+        classes = cfg.model.num_classes
+        y_train, y_val = (torch.from_numpy(train.labels), torch.from_numpy(val.labels)) if classes else (None, None)
+        if classes and (top := int(max(train.labels.max(), val.labels.max()))) >= classes:
+            raise SystemExit(f"error: train_prior.model.num_classes is {classes} but the codes hold labels up to {top}; "
+                             "raise it, or set 0 for an unconditional prior")
         prior = Prior(cfg.model, vocab=train.codebook_size, length=length).to(runtime.device)
         runtime.maybe_compile(prior)
-        print(f"train_prior: {len(x_train)} grids of {train.grid[0]}x{train.grid[1]} codes (vocab {train.codebook_size}), "
+        flips = int((train.augmentation != "none").sum())
+        print(f"train_prior: {len(x_train)} grids ({flips} flipped) of {train.grid[0]}x{train.grid[1]} codes "
+              f"(vocab {train.codebook_size}), {f'{classes} classes' if classes else 'unconditional'}, "
               f"{prior.num_params():,} params, {runtime.device} {runtime.precision}")
 
         def step(idx):
-            return prior.loss(x_train[idx].to(runtime.device))
+            return prior.loss(x_train[idx].to(runtime.device), None if y_train is None else y_train[idx].to(runtime.device))
 
         result = fit(
-            prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, 512, runtime.device), cfg.train, runtime,
+            prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, y_val, 512, runtime.device), cfg.train, runtime,
             seed=p.seed, checkpoint=CHECKPOINT, monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
             fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta),
         )
@@ -64,7 +72,8 @@ def main() -> None:
         metrics = {
             "val_nll": best["val_nll"], "val_top1": best["val_top1"], "val_top5": best["val_top5"],
             "val_bits_per_dim": best["val_nll"] * length / (dims * math.log(2)),
-            "params": prior.num_params(), "epochs": result.epochs, "best_epoch": best["epoch"],
+            "params": prior.num_params(), "num_classes": classes, "train_rows": len(x_train),
+            "epochs": result.epochs, "best_epoch": best["epoch"],
             "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),
             "precision": runtime.precision, "device": runtime.device.type,
         }

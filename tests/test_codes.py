@@ -2,8 +2,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from vqprior.codes import CodeWriter, read_codes, read_meta
+from vqprior.config import VQVAEModelParams
+from vqprior.models.vqvae import VQVAE
 
 META = {"grid_height": 3, "grid_width": 2, "codebook_size": 1000, "vqvae_sha256": "ab" * 32,
         "data_sha256": {"train": "cd" * 32}, "image_shape": [12, 8, 1]}
@@ -40,3 +43,43 @@ def test_failed_write_leaves_no_file(tmp_path):
             w.write(np.zeros((2, 3, 2)), np.array([1, 2]), np.array([0, 1]))
             w.write(np.zeros((2, 4, 4)), np.array([1, 2]), np.array([2, 3]))
     assert not (tmp_path / "y.parquet").exists() and not list(tmp_path.iterdir())
+
+
+def test_augmented_rows_come_back_tagged_and_can_be_left_out(tmp_path):
+    rng = np.random.default_rng(1)
+    codes, flipped = rng.integers(0, 1000, (2, 4, 3, 2))
+    labels, index = np.array([3, -1, 5, 7]), np.arange(4)
+    with CodeWriter(tmp_path / "train.parquet", "train", META) as w:
+        w.write(codes, labels, index)
+        w.write(flipped, labels, index, augmentation="hflip")
+    both = read_codes(tmp_path / "train.parquet")
+    assert both.augmentation.tolist() == ["none"] * 4 + ["hflip"] * 4
+    assert np.array_equal(both.codes, np.concatenate([codes, flipped])) and both.index.tolist() == [0, 1, 2, 3] * 2
+    assert both.labels.tolist() == [3, -1, 5, 7] * 2
+    originals = read_codes(tmp_path / "train.parquet", augmentations=False)
+    assert np.array_equal(originals.codes, codes) and originals.augmentation.tolist() == ["none"] * 4
+    assert originals.labels.tolist() == [3, -1, 5, 7] and originals.meta == META
+    assert pq.read_schema(tmp_path / "train.parquet").field("augmentation").type == pa.string()
+
+
+def test_file_without_augmentation_column_asks_for_a_rerun(tmp_path):
+    pq.write_table(pa.table({"codes": [[1, 2]]}), tmp_path / "old.parquet")
+    with pytest.raises(SystemExit, match="predates the augmentation column"):
+        read_codes(tmp_path / "old.parquet")
+
+
+def test_codes_read_back_decode_like_the_encoder_output(tmp_path):
+    """The extract_codes round trip on a tiny untrained VQ-VAE: Parquet keeps the codes, flipped rows included."""
+    torch.manual_seed(0)
+    model = VQVAE(VQVAEModelParams(channels=8, res_blocks=0, downsamples=2, codebook_size=300, code_dim=4)).eval()
+    x = torch.rand(5, 1, 12, 8) * 2 - 1
+    meta = {**META, "codebook_size": 300}
+    with torch.no_grad(), CodeWriter(tmp_path / "train.parquet", "train", meta) as w:
+        for tag, view in (("none", x), ("hflip", x.flip(-1))):
+            w.write(model.encode(view).numpy(), np.arange(5), np.arange(5), augmentation=tag)
+    grid = read_codes(tmp_path / "train.parquet")
+    stored = torch.from_numpy(grid.codes.astype(np.int64))
+    with torch.no_grad():
+        assert torch.equal(model.decode(stored[:5]), model.decode(model.encode(x)))
+        assert torch.equal(model.decode(stored[5:]), model.decode(model.encode(x.flip(-1))))
+    assert grid.codes.max() >= 256  # uint16 keeps codes past a byte

@@ -46,6 +46,18 @@ def test_wrong_type_and_range_are_named():
     assert "top_p" in _error({"sample": {"top_p": 1.5}})
 
 
+def test_conditioning_and_augmentation_keys_are_checked():
+    p = parse_params({})
+    assert p.train_prior.model.num_classes == 0 and p.train_prior.model.attn_dropout == 0.0
+    assert p.sample.guidance == 1.0 and p.extract_codes.hflip is False
+    assert "train_prior.model.attn_dropout" in _error({"train_prior": {"model": {"attn_dropout": 1.0}}})
+    assert "train_prior.model.num_classes" in _error({"train_prior": {"model": {"num_classes": -1}}})
+    assert "train_prior.model.label_dropout" in _error({"train_prior": {"model": {"label_dropout": 1.5}}})
+    msg = _error({"sample": {"guidance": -0.5}})
+    assert "sample.guidance" in msg and "greater than or equal to 0" in msg
+    assert "extract_codes.hflip" in _error({"extract_codes": {"hflip": "sometimes"}})
+
+
 def test_heads_must_divide_width():
     assert "n_heads" in _error({"train_prior": {"model": {"d_model": 100, "n_heads": 3}}})
 

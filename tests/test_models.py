@@ -143,6 +143,110 @@ def test_kv_cache_gives_the_tokens_of_full_recompute(top_k, temperature):
     assert cached.shape == (6, 12) and torch.equal(cached, full)
 
 
+def test_attention_dropout_masks_while_training_only():
+    torch.manual_seed(0)
+    prior = Prior(SMALL_PRIOR.model_copy(update={"attn_dropout": 0.9}), vocab=16, length=10)
+    codes = torch.randint(0, 16, (4, 10))
+    inputs = prior.with_start(codes)
+    plain = Prior(SMALL_PRIOR, vocab=16, length=10)
+    plain.load_state_dict(prior.state_dict())
+    expected = plain.eval()(inputs)[0]
+    prior.train()
+    a, b = prior(inputs)[0], prior(inputs)[0]
+    # random masks: two training passes differ, and neither is the unmasked output; no query loses every key
+    assert torch.isfinite(a).all() and torch.isfinite(prior.loss(codes)[0])
+    assert not torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, expected, atol=1e-4)
+    assert torch.allclose(a[:, 0], expected[:, 0], atol=1e-6)  # the first query sees only itself: nothing to mask
+    # one token at a time with the KV cache: no mask, even in training mode
+    past, steps = None, []
+    for t in range(10):
+        logits, past = prior(inputs[:, t : t + 1], past)
+        steps.append(logits)
+    assert torch.allclose(torch.cat(steps, 1), expected, atol=1e-5)
+    prior.eval()
+    assert torch.allclose(prior(inputs)[0], expected, atol=1e-6)
+
+
+COND_PRIOR = SMALL_PRIOR.model_copy(update={"num_classes": 3, "label_dropout": 0.0})
+
+
+def test_class_token_conditions_the_logits():
+    torch.manual_seed(0)
+    prior = Prior(COND_PRIOR, vocab=16, length=10).eval()
+    codes = torch.randint(0, 16, (2, 10)).repeat(2, 1)
+    logits, _ = prior(prior.with_start(codes), labels=torch.tensor([0, 0, 1, 1]))
+    assert not torch.allclose(logits[:2], logits[2:], atol=1e-4)
+    # no label, -1 and the null class's index are the same (unconditional) token
+    null, _ = prior(prior.with_start(codes))
+    unknown, _ = prior(prior.with_start(codes), labels=torch.full((4,), -1))
+    explicit, _ = prior(prior.with_start(codes), labels=torch.full((4,), prior.null_class))
+    assert prior.null_class == 3 and torch.equal(null, unknown) and torch.equal(null, explicit)
+    with pytest.raises(ValueError, match="unconditional"):
+        Prior(SMALL_PRIOR, vocab=16, length=10)(prior.with_start(codes), labels=torch.zeros(4, dtype=torch.long))
+
+
+def test_label_dropout_one_trains_the_null_class_only():
+    torch.manual_seed(0)
+    codes, labels = torch.randint(0, 16, (4, 10)), torch.tensor([0, 1, 2, 0])
+    prior = Prior(COND_PRIOR.model_copy(update={"label_dropout": 1.0}), vocab=16, length=10).train()
+    dropped, _ = prior.loss(codes, labels)
+    assert dropped.item() == pytest.approx(prior.loss(codes)[0].item(), abs=1e-6)  # None = the null class
+    kept, _ = prior.eval().loss(codes, labels)  # no label dropout in eval
+    assert kept.item() != pytest.approx(dropped.item(), abs=1e-4)
+
+
+def test_conditional_prior_checkpoint_needs_no_params(tmp_path):
+    torch.manual_seed(0)
+    prior = Prior(COND_PRIOR, vocab=16, length=10).eval()
+    save_model(tmp_path / "prior.pt", prior, vocab=16, length=10, grid=[2, 5])
+    loaded, _ = load_prior(tmp_path / "prior.pt")
+    inputs, labels = prior.with_start(torch.randint(0, 16, (3, 10))), torch.tensor([2, 1, 0])
+    assert loaded.num_classes == 3 and torch.equal(loaded(inputs, labels=labels)[0], prior(inputs, labels=labels)[0])
+
+
+def test_guidance_one_is_plain_conditional_and_zero_is_unconditional():
+    torch.manual_seed(0)
+    prior = Prior(COND_PRIOR, vocab=16, length=8).eval()
+    labels = torch.tensor([0, 1, 2, 0, 1])
+
+    def draw(**kw):
+        return sample_codes(prior, 5, generator=torch.Generator().manual_seed(4), **kw)
+
+    conditional = draw(labels=labels)
+    assert torch.equal(draw(labels=labels, guidance=1.0), conditional)
+    # guidance 0 runs the batched 2n path and keeps only its null-class half: plain unconditional sampling
+    assert torch.equal(draw(labels=labels, guidance=0.0), draw())
+    assert not torch.equal(draw(labels=labels, guidance=3.0), conditional)
+    # an unconditional prior ignores guidance
+    plain = Prior(SMALL_PRIOR, vocab=16, length=8).eval()
+    assert torch.equal(sample_codes(plain, 5, generator=torch.Generator().manual_seed(4), guidance=3.0),
+                       sample_codes(plain, 5, generator=torch.Generator().manual_seed(4)))
+
+
+def test_guided_greedy_sampling_follows_the_mixed_logits():
+    torch.manual_seed(0)
+    prior = Prior(COND_PRIOR, vocab=16, length=8).eval()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    guided = sample_codes(prior, 6, labels=labels, guidance=2.5, top_k=1)
+    # greedy by hand: argmax of uncond + 2.5 * (cond - uncond), the two passes run separately
+    seq = torch.full((6, 1), 16)
+    for _ in range(8):
+        cond, uncond = prior(seq, labels=labels)[0][:, -1], prior(seq)[0][:, -1]
+        seq = torch.cat([seq, (uncond + 2.5 * (cond - uncond)).argmax(-1, keepdim=True)], 1)
+    assert torch.equal(guided, seq[:, 1:])
+    assert not torch.equal(guided, sample_codes(prior, 6, labels=labels, top_k=1))
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_kv_cache_gives_the_tokens_of_full_recompute_with_labels(guidance):
+    torch.manual_seed(0)
+    prior = Prior(COND_PRIOR, vocab=16, length=12).eval()
+    kw = dict(labels=torch.tensor([0, 1, 2, 0, 1, 2]), guidance=guidance, temperature=0.9)
+    cached = sample_codes(prior, 6, generator=torch.Generator().manual_seed(3), use_cache=True, **kw)
+    full = sample_codes(prior, 6, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert cached.shape == (6, 12) and torch.equal(cached, full)
+
+
 def test_top_k_one_is_greedy_and_deterministic():
     torch.manual_seed(0)
     prior = Prior(SMALL_PRIOR, vocab=16, length=8).eval()

@@ -1,5 +1,8 @@
 """The Parquet code store: one row per image, codes as a fixed-size list of uint16 (row-major H x W).
 
+Augmented rows (a flipped train image) sit beside the originals, tagged in the `augmentation`
+column ("none" for an original), so readers can keep or drop them.
+
 File metadata carries the grid shape, codebook size, the VQ-VAE checkpoint's sha256 and the
 prepared data's hash, so a prior never trains on codes from another model by accident.
 """
@@ -24,6 +27,7 @@ class CodeGrid:
     codes: np.ndarray  # N x H x W uint16
     labels: np.ndarray  # N int64, -1 where unknown
     index: np.ndarray  # N int64, row in the prepared split
+    augmentation: np.ndarray  # N str: "none" for an original image, else how it was augmented ("hflip")
     meta: dict
 
     @property
@@ -42,6 +46,7 @@ def code_schema(meta: dict) -> pa.Schema:
             ("split", pa.string()),
             ("index", pa.int64()),
             ("label", pa.int16()),
+            ("augmentation", pa.string()),
             ("codes", pa.list_(pa.uint16(), length)),
         ],
         metadata={META_KEY: json.dumps(meta).encode()},
@@ -59,7 +64,7 @@ class CodeWriter:
         self._writer = pq.ParquetWriter(self._tmp, self.schema)
         self.rows = 0
 
-    def write(self, codes: np.ndarray, labels: np.ndarray, index: np.ndarray) -> None:
+    def write(self, codes: np.ndarray, labels: np.ndarray, index: np.ndarray, augmentation: str = "none") -> None:
         n = len(codes)
         flat = codes.reshape(n, -1).astype(np.uint16)
         if flat.shape[1] != self.meta["grid_height"] * self.meta["grid_width"]:
@@ -69,6 +74,7 @@ class CodeWriter:
                 pa.array([self.split] * n, pa.string()),
                 pa.array(index.astype(np.int64)),
                 pa.array(np.where(labels < 0, None, labels).tolist() if (labels < 0).any() else labels.astype(np.int16), pa.int16()),
+                pa.array([augmentation] * n, pa.string()),
                 pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
             ],
             schema=self.schema,
@@ -88,14 +94,16 @@ def read_meta(path: str | Path) -> dict:
     return json.loads(pq.read_schema(path).metadata[META_KEY])
 
 
-def read_codes(path: str | Path) -> CodeGrid:
-    """Whole file to arrays, without a Python loop per row."""
+def read_codes(path: str | Path, augmentations: bool = True) -> CodeGrid:
+    """Whole file to arrays, without a Python loop per row; `augmentations=False` keeps only the original images."""
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"error: {path} not found; run `dvc repro extract_codes` first")
-    table = pq.read_table(path)
+    if "augmentation" not in pq.read_schema(path).names:
+        raise SystemExit(f"error: {path} predates the augmentation column; run `dvc repro extract_codes` again")
+    table = pq.read_table(path, filters=None if augmentations else [("augmentation", "=", "none")])
     meta = json.loads(table.schema.metadata[META_KEY])
     h, w = meta["grid_height"], meta["grid_width"]
     flat = table.column("codes").combine_chunks().flatten().to_numpy()
     return CodeGrid(flat.reshape(len(table), h, w), labels_to_numpy(table.column("label")),
-                    table.column("index").to_numpy(), meta)
+                    table.column("index").to_numpy(), table.column("augmentation").to_numpy(zero_copy_only=False), meta)

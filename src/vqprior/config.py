@@ -77,6 +77,7 @@ class TrainVQVAEParams(Section):
 
 class ExtractCodesParams(Section):
     batch_size: int = Field(1024, ge=1)
+    hflip: bool = Field(False, description="also encode each train image flipped left-right, as an extra row tagged 'hflip'")
 
 
 class PriorModelParams(Section):
@@ -84,6 +85,9 @@ class PriorModelParams(Section):
     n_layers: int = Field(4, ge=1)
     n_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="share of attention-matrix positions masked at random while training")
+    num_classes: int = Field(0, ge=0, description="0: unconditional; else a class token replaces START")
+    label_dropout: float = Field(0.1, ge=0, le=1, description="chance a training label becomes the null class (for guidance)")
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -103,6 +107,7 @@ class SampleParams(Section):
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus sampling")
+    guidance: float = Field(1.0, ge=0, description="classifier-free guidance of a conditional prior: 0 unconditional, 1 plain conditional, > 1 stronger")
 
 
 class EvaluateParams(Section):

@@ -1,4 +1,4 @@
-"""Autoregressive sampling of code grids: temperature, top-k, top-p, batched, with a KV cache."""
+"""Autoregressive sampling of code grids: temperature, top-k, top-p, classifier-free guidance, batched, with a KV cache."""
 from __future__ import annotations
 
 import torch
@@ -24,29 +24,49 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
 
 @torch.no_grad()
 def sample_codes(prior: Prior, n: int, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-    """Return n x L code sequences. `use_cache=False` recomputes the whole prefix each step (for checks)."""
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 labels: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+    """Return n x L code sequences. `use_cache=False` recomputes the whole prefix each step (for checks).
+
+    A conditional prior samples class `labels` (n; None: the null class, i.e. unconditionally). With guidance != 1
+    each step runs the conditional and the null-class rows as one batch of 2n and mixes their logits
+    (classifier-free guidance): uncond + guidance * (cond - uncond). An unconditional prior ignores guidance.
+    """
     prior.eval()
     device = next(prior.parameters()).device
-    seq = torch.full((n, 1), prior.vocab, dtype=torch.long, device=device)  # START
+    guided = labels is not None and guidance != 1.0  # guidance 1 is plain conditional: skip the null-class half
+    if labels is not None:
+        if len(labels) != n:
+            raise ValueError(f"{len(labels)} labels for {n} samples")
+        labels = labels.to(device)
+        if guided:
+            labels = torch.cat([labels, torch.full_like(labels, prior.null_class)])
+    seq = torch.full((2 * n if guided else n, 1), prior.vocab, dtype=torch.long, device=device)  # START
     past = None
     for _ in range(prior.length):
         if use_cache:
-            logits, past = prior(seq[:, -1:], past)
+            logits, past = prior(seq[:, -1:], past, labels=labels)
         else:
-            logits, _ = prior(seq)
-        probs = filter_logits(logits[:, -1], temperature, top_k, top_p).softmax(-1)
+            logits, _ = prior(seq, labels=labels)
+        logits = logits[:, -1].float()
+        if guided:
+            cond, uncond = logits.chunk(2)
+            logits = uncond + guidance * (cond - uncond)
+        probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
         nxt = torch.multinomial(probs, 1, generator=generator)
-        seq = torch.cat([seq, nxt], dim=1)
-    return seq[:, 1:]
+        seq = torch.cat([seq, nxt.repeat(2, 1) if guided else nxt], dim=1)  # both halves continue the same codes
+    return seq[:n, 1:]
 
 
-def sample_in_batches(prior: Prior, n: int, batch_size: int, seed: int, **kwargs) -> torch.Tensor:
+def sample_in_batches(prior: Prior, n: int, batch_size: int, seed: int, labels: torch.Tensor | None = None,
+                      **kwargs) -> torch.Tensor:
     device = next(prior.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     with tqdm(total=n, desc="sample", unit="img", disable=None) as bar:
         for start in range(0, n, batch_size):
-            out.append(sample_codes(prior, min(batch_size, n - start), generator=generator, **kwargs).cpu())
+            size = min(batch_size, n - start)
+            batch_labels = None if labels is None else labels[start : start + size]
+            out.append(sample_codes(prior, size, generator=generator, labels=batch_labels, **kwargs).cpu())
             bar.update(len(out[-1]))
     return torch.cat(out)

@@ -1,6 +1,8 @@
 """Decoder-only Transformer prior over flattened code grids (pre-LayerNorm, nanoGPT-style).
 
 The sequence is [START, c_0, ..., c_{L-1}]; position t predicts c_t. START is token `vocab`.
+A class-conditional prior (num_classes > 0) puts a class token in START's place; its last class
+is the null class (no label), which classifier-free guidance samples against.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ KVCache = list  # one (keys, values) pair per layer, each B x heads x T x head_d
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float):
+    def __init__(self, d: int, heads: int, dropout: float, attn_dropout: float = 0.0):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads, self.dropout, self.attn_dropout = heads, dropout, attn_dropout
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
@@ -27,16 +29,23 @@ class SelfAttention(nn.Module):
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         # with a cache the new query is the last position and may see every key: no mask needed
-        causal = past is None and t > 1
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
+        causal, mask = past is None and t > 1, None
+        if self.training and self.attn_dropout > 0 and past is None:
+            # attention dropout: hide random earlier positions from each query (softmax renormalises over the rest);
+            # a query always keeps its own position, so no row is fully masked
+            eye = torch.eye(t, dtype=torch.bool, device=x.device)
+            keep = (torch.rand(b, self.heads, t, t, device=x.device) >= self.attn_dropout) | eye
+            causal, mask = False, keep & torch.ones_like(eye).tril()
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, d)), (k, v)
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float):
+    def __init__(self, d: int, heads: int, dropout: float, attn_dropout: float = 0.0):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = SelfAttention(d, heads, dropout)
+        self.attn = SelfAttention(d, heads, dropout, attn_dropout)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
@@ -51,9 +60,11 @@ class Prior(nn.Module):
         super().__init__()
         self.config, self.vocab, self.length = p, vocab, length
         self.tok = nn.Embedding(vocab + 1, p.d_model)  # +1: the START token
+        # class tokens, the last row the null class; None keeps an unconditional prior's weights as they were
+        self.cls = nn.Embedding(p.num_classes + 1, p.d_model) if p.num_classes else None
         self.pos = nn.Embedding(length, p.d_model)
         self.drop = nn.Dropout(p.dropout)
-        self.blocks = nn.ModuleList(Block(p.d_model, p.n_heads, p.dropout) for _ in range(p.n_layers))
+        self.blocks = nn.ModuleList(Block(p.d_model, p.n_heads, p.dropout, p.attn_dropout) for _ in range(p.n_layers))
         self.ln = nn.LayerNorm(p.d_model)
         self.head = nn.Linear(p.d_model, vocab, bias=False)
         self.apply(self._init)
@@ -68,11 +79,30 @@ class Prior(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, past: KVCache | None = None):
-        """tokens B x T (START first when past is None) -> logits B x T x vocab, new cache."""
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def forward(self, tokens: torch.Tensor, past: KVCache | None = None, labels: torch.Tensor | None = None):
+        """tokens B x T (START first when past is None) -> logits B x T x vocab, new cache.
+
+        `labels` (B, -1 = unknown) pick a conditional prior's class token; None or -1 is the null class.
+        """
+        if labels is not None and self.cls is None:
+            raise ValueError("labels given to an unconditional prior (num_classes 0)")
         start = 0 if past is None else past[0][0].shape[2]
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
-        x = self.drop(self.tok(tokens) + self.pos(pos))
+        x = self.tok(tokens)
+        if self.cls is not None and start == 0:
+            if labels is None:
+                labels = torch.full((len(tokens),), -1, dtype=torch.long, device=tokens.device)
+            cls = self.cls(torch.where(labels < 0, self.null_class, labels.long()))
+            x = torch.cat([cls.unsqueeze(1), x[:, 1:]], dim=1)  # the class token takes START's place
+        x = self.drop(x + self.pos(pos))
         presents = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, None if past is None else past[i])
@@ -84,8 +114,12 @@ class Prior(nn.Module):
         start = torch.full((codes.shape[0], 1), self.vocab, dtype=torch.long, device=codes.device)
         return torch.cat([start, codes[:, :-1].long()], dim=1)
 
-    def loss(self, codes: torch.Tensor):
-        logits, _ = self(self.with_start(codes))
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None):
+        if labels is not None and self.training and self.config.label_dropout > 0:
+            # label dropout: the null class learns the unconditional model that guidance needs
+            drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
+            labels = labels.masked_fill(drop, -1)
+        logits, _ = self(self.with_start(codes), labels=labels)
         logits = logits.float()
         target = codes.long()
         nll = F.cross_entropy(logits.reshape(-1, self.vocab), target.reshape(-1))
