@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_order_of_the_real_dvc_yaml():
     assert stage_order(REPO / "dvc.yaml") == [
-        "prepare", "train_vqvae", "extract_codes", "train_prior", "sample", "evaluate"]
+        "prepare", "reference", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
+        "evaluate"]
 
 
 def _write_dvc_yaml(folder: Path, stages: dict) -> Path:

@@ -143,3 +143,36 @@ def test_real_inception_separates_images_from_noise():
     assert near["feature_layer"] == far["feature_layer"] == "2048"
     assert far["fid"] > 300 and near["fid"] < far["fid"] / 2, (near["fid"], far["fid"])  # measured ~150 vs ~440
     assert far["precision"] == 0.0
+
+
+def test_cached_features_give_the_same_metrics_as_the_direct_path(halves, tmp_path):
+    """Features extracted once, saved and read back, then metrics from them == torch-fidelity's one call."""
+    from vqprior.features import load_features, save_features
+
+    a, b = halves
+    direct = tiny(a, b, kid=True)
+    save_features(tmp_path / "ref.npy", M.extract_features(b, extractor=M.TINY, batch_size=64))
+    reference = load_features(tmp_path / "ref.npy")
+    assert reference.shape == (300, 64) and reference.dtype == torch.float32
+    cached = M.metrics_from_features(M.extract_features(a, extractor=M.TINY, batch_size=64), reference, kid=True)
+    for key in ("fid", "precision", "recall", "f_score", "kid", "kid_std"):
+        assert cached[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-12), key
+    assert (cached["num_samples"], cached["num_reference"]) == (300, 300)
+
+
+def test_metrics_from_features_rejects_bad_features():
+    f = torch.zeros(10, 8)
+    with pytest.raises(ValueError, match="widths"):
+        M.metrics_from_features(f, torch.zeros(10, 4))
+    with pytest.raises(ValueError, match="prc_neighborhood"):
+        M.metrics_from_features(f[:3], f)
+    with pytest.raises(ValueError, match="N x D"):
+        M.metrics_from_features(torch.zeros(10), f)
+
+
+def test_inception_fast_path_matches_plain_fp32():
+    """The default (channels-last fp32) gives torch-fidelity's plain fp32 features up to float rounding."""
+    x = fashion_like(4, offset=2000)
+    plain = M.extract_features(x, batch_size=4, inception_channels_last=False)
+    fast = M.extract_features(x, batch_size=4)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-3)

@@ -114,6 +114,8 @@ class EvaluateParams(Section):
     num_reference: int = Field(2000, ge=2, description="test images used as the real set")
     batch_size: int = Field(50, ge=1)
     prc_neighborhood: int = Field(3, ge=1, description="k of the k-NN precision/recall")
+    inception_bf16: bool = Field(False, description="Inception in bf16: faster on CPUs with AVX-512 BF16/AMX, FID "
+                                 "shifts slightly (benchmarks/inception_speed.py); fp32 is the standard protocol")
 
 
 class TrackingParams(Section):

@@ -10,9 +10,13 @@ Two feature extractors are registered with torch-fidelity on import:
   feature space for tests and quick checks; its numbers are not comparable with published FIDs.
 
 ``fidelity_metrics(generated, reference)`` takes uint8 N x C x H x W tensors (C = 1 or 3) and returns plain floats.
+``extract_features(images)`` and ``metrics_from_features(generated_features, reference_features)`` split the same
+computation in two, so reference features can be extracted once, saved, and reused: both go through torch-fidelity's
+own functions and give the same numbers as ``fidelity_metrics`` on the same images.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import warnings
@@ -24,7 +28,11 @@ import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_kid import kid_features_to_metric
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
 INCEPTION = "inception-v3-tf-2015-12-05"
 TINY = "tiny-random-conv"
@@ -95,23 +103,27 @@ class InceptionTF(_Extractor):
     LAYER = "2048"
     SIZE = 299
 
-    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, inception_channels_last=True,
+                 inception_bf16=False, **kwargs):
         super().__init__(name, features_list)
         path = inception_weights_path(feature_extractor_weights_path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
             self.net = torch.jit.load(str(path), map_location="cpu")
         # The script expects float N x 3 x 299 x 299 in [-1, 1) and does no resizing; its batch norms are fixed
-        # (training=False in the graph), so eval() only tidies flags. Channels-last runs ~10% faster on CPU
-        # with the same features (max abs diff ~1e-5 on values up to ~8).
-        self.net = self.net.to(memory_format=torch.channels_last)
+        # (training=False in the graph), so eval() only tidies flags. Channels-last (the default) is the fastest
+        # path on CPU at equal features (benchmarks/inception_speed.py: plain fp32 vs channels-last, FID of both).
+        # bf16 weights are an option for measurements only: see the benchmark for what they do to FID.
+        self.memory_format = torch.channels_last if inception_channels_last else torch.contiguous_format
+        self.dtype = torch.bfloat16 if inception_bf16 else torch.float32
+        self.net = self.net.to(memory_format=self.memory_format).to(self.dtype)
         self.requires_grad_(False)
         self.eval()
 
     def forward(self, x):
         x = _to_rgb(x).to(torch.float32)
         x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(self.SIZE, self.SIZE), align_corners=False)
-        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
+        x = ((x - 128) / 128).to(self.dtype).contiguous(memory_format=self.memory_format)
         return (self.net(x).to(torch.float32),)
 
 
@@ -172,6 +184,86 @@ def _check_images(name: str, x) -> None:
         raise ValueError(f"{name} is empty")
 
 
+def feature_layer(extractor: str) -> str:
+    if extractor not in FEATURE_EXTRACTORS_REGISTRY:
+        raise ValueError(f"unknown feature extractor {extractor!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
+    return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+
+
+def extract_features(
+    images: torch.Tensor,
+    *,
+    extractor: str = INCEPTION,
+    batch_size: int = 50,
+    device: str = "cpu",
+    verbose: bool = False,
+    **extractor_kwargs,
+) -> torch.Tensor:
+    """float32 N x D features (on the CPU) of uint8 N x C x H x W images, through torch-fidelity's own extraction.
+
+    ``extractor_kwargs`` go to the extractor's constructor (e.g. ``inception_channels_last``, ``inception_bf16``).
+    """
+    _check_images("images", images)
+    layer = feature_layer(extractor)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    with torch.cuda.device(device) if cuda else contextlib.nullcontext():
+        net = create_feature_extractor(extractor, [layer], cuda=cuda, verbose=verbose, **extractor_kwargs)
+        feats = get_featuresdict_from_dataset(_ImageTensorDataset(images.cpu()), net, batch_size, cuda,
+                                              save_cpu_ram=True, verbose=verbose)
+    return feats[layer].cpu()
+
+
+def metrics_from_features(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    prc_neighborhood: int = 3,
+    kid: bool = False,
+) -> dict:
+    """FID, precision, recall, F-score (and KID) from N x D features, by torch-fidelity's own functions.
+
+    Same conventions and numbers as ``fidelity_metrics`` (``generated`` is torch-fidelity's input1, ``reference``
+    input2; KID on subsets of min(1000, N) with torch-fidelity's default seed).
+    """
+    for name, f in (("generated", generated), ("reference", reference)):
+        if not torch.is_tensor(f) or f.dim() != 2 or len(f) == 0:
+            raise ValueError(f"{name} features must be a non-empty N x D tensor, got {getattr(f, 'shape', type(f))}")
+    if generated.shape[1] != reference.shape[1]:
+        raise ValueError(f"feature widths differ: generated {generated.shape[1]}, reference {reference.shape[1]}")
+    n_gen, n_ref = len(generated), len(reference)
+    _check_counts(n_gen, n_ref, prc_neighborhood)
+    generated, reference = generated.detach().cpu().float(), reference.detach().cpu().float()
+    out = fid_statistics_to_metric(fid_features_to_statistics(generated), fid_features_to_statistics(reference),
+                                   verbose=False)
+    out |= prc_features_to_metric(generated, reference, prc_neighborhood=prc_neighborhood, save_cpu_ram=True,
+                                  verbose=False)
+    if kid:
+        out |= kid_features_to_metric(generated, reference, kid_subset_size=_kid_subset_size(n_gen, n_ref),
+                                      verbose=False)
+    return _plain_metrics(out, kid) | {"num_samples": n_gen, "num_reference": n_ref}
+
+
+def _check_counts(n_gen: int, n_ref: int, prc_neighborhood: int) -> None:
+    if min(n_gen, n_ref) <= prc_neighborhood:
+        raise ValueError(
+            f"need more than prc_neighborhood={prc_neighborhood} images in each set, got {n_gen} generated and {n_ref} reference"
+        )
+
+
+def _kid_subset_size(n_gen: int, n_ref: int) -> int:
+    return min(1000, n_gen, n_ref)
+
+
+def _plain_metrics(out: dict, kid: bool) -> dict:
+    """torch-fidelity's metric keys -> this project's plain float fields."""
+    keys = {"fid": torch_fidelity.KEY_METRIC_FID, "precision": torch_fidelity.KEY_METRIC_PRECISION,
+            "recall": torch_fidelity.KEY_METRIC_RECALL, "f_score": torch_fidelity.KEY_METRIC_F_SCORE}
+    if kid:
+        keys |= {"kid": torch_fidelity.KEY_METRIC_KID_MEAN, "kid_std": torch_fidelity.KEY_METRIC_KID_STD}
+    return {name: float(out[key]) for name, key in keys.items()}
+
+
 def fidelity_metrics(
     generated: torch.Tensor,
     reference: torch.Tensor,
@@ -192,13 +284,8 @@ def fidelity_metrics(
     _check_images("generated", generated)
     _check_images("reference", reference)
     n_gen, n_ref = len(generated), len(reference)
-    if min(n_gen, n_ref) <= prc_neighborhood:
-        raise ValueError(
-            f"need more than prc_neighborhood={prc_neighborhood} images in each set, got {n_gen} generated and {n_ref} reference"
-        )
-    if extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise ValueError(f"unknown feature extractor {extractor!r}; registered: {sorted(FEATURE_EXTRACTORS_REGISTRY)}")
-    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    _check_counts(n_gen, n_ref, prc_neighborhood)
+    layer = feature_layer(extractor)
     device = torch.device(device)
     kwargs = dict(
         input1=_ImageTensorDataset(generated.cpu()),
@@ -215,21 +302,8 @@ def fidelity_metrics(
         verbose=verbose,
     )
     if kid:
-        kwargs["kid_subset_size"] = min(1000, n_gen, n_ref)
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            out = torch_fidelity.calculate_metrics(**kwargs)
-    else:
+        kwargs["kid_subset_size"] = _kid_subset_size(n_gen, n_ref)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         out = torch_fidelity.calculate_metrics(**kwargs)
-
-    result = {
-        "fid": float(out[torch_fidelity.KEY_METRIC_FID]),
-        "precision": float(out[torch_fidelity.KEY_METRIC_PRECISION]),
-        "recall": float(out[torch_fidelity.KEY_METRIC_RECALL]),
-        "f_score": float(out[torch_fidelity.KEY_METRIC_F_SCORE]),
-    }
-    if kid:
-        result["kid"] = float(out[torch_fidelity.KEY_METRIC_KID_MEAN])
-        result["kid_std"] = float(out[torch_fidelity.KEY_METRIC_KID_STD])
-    result.update(num_samples=n_gen, num_reference=n_ref, feature_extractor=extractor, feature_layer=layer)
-    return result
+    return _plain_metrics(out, kid) | {"num_samples": n_gen, "num_reference": n_ref, "feature_extractor": extractor,
+                                      "feature_layer": layer}

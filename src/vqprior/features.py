@@ -1,0 +1,50 @@
+"""Cached Inception features: the reference sets are extracted once (stage `reference`) and read back by the stages
+that compare against them (`reconstruction_fid`, `evaluate`), so only new images go through the network."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.images import read_images
+from .io import atomic_path
+from .metrics import INCEPTION, extract_features, metrics_from_features
+
+TEST_FEATURES = Path("data/reference/test_features.npy")
+TRAIN_FEATURES = Path("data/reference/train_features.npy")
+
+
+def read_uint8_images(path: str | Path, limit: int | None = None) -> torch.Tensor:
+    """The first `limit` images of a prepared split as uint8 N x C x H x W (torch-fidelity's layout)."""
+    images = read_images(path, limit=limit).images
+    return torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous()  # Parquet buffers are read-only
+
+
+def timed_features(images: torch.Tensor, *, batch_size: int, device: str, extractor: str = INCEPTION,
+                   bf16: bool = False) -> tuple[torch.Tensor, float]:
+    """Features of `images` (Inception in bf16 if asked) and the seconds their extraction took."""
+    t0 = time.perf_counter()
+    feats = extract_features(images, extractor=extractor, batch_size=batch_size, device=device, inception_bf16=bf16)
+    return feats, time.perf_counter() - t0
+
+
+def score(images: torch.Tensor, reference: torch.Tensor, *, batch_size: int, prc_neighborhood: int, device: str,
+          extractor: str = INCEPTION, bf16: bool = False) -> dict:
+    """FID, KID, precision, recall of `images` against cached `reference` features, and the extraction's speed."""
+    feats, seconds = timed_features(images, batch_size=batch_size, device=device, extractor=extractor, bf16=bf16)
+    metrics = metrics_from_features(feats, reference, prc_neighborhood=prc_neighborhood, kid=True)
+    return metrics | {"seconds": round(seconds, 1), "images_per_second": round(len(images) / seconds, 1)}
+
+
+def save_features(path: str | Path, features: torch.Tensor) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, features.cpu().numpy().astype(np.float32))
+
+
+def load_features(path: str | Path = TEST_FEATURES) -> torch.Tensor:
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; run `dvc repro reference` first")
+    return torch.from_numpy(np.load(path))

@@ -1,0 +1,87 @@
+"""reference -> reconstruction_fid -> evaluate in process on a small fake repo, on the tiny extractor: the cached
+reference features give the same numbers as torch-fidelity's direct call, and every protocol field is written."""
+import contextlib
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT
+from test_metrics import fashion_like
+from stages import evaluate, reconstruction_fid, reference
+from vqprior import features, metrics as M
+from vqprior.config import VQVAEModelParams
+from vqprior.data.images import write_images
+from vqprior.models import save_model
+from vqprior.models.vqvae import VQVAE
+
+N = 40
+
+
+class _Run:
+    def log_metrics(self, metrics):
+        self.metrics = metrics
+
+    def log_artifact(self, path, folder=None):
+        pass
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    params = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
+    params["evaluate"].update(num_reference=N, batch_size=20, inception_bf16=True)  # recorded; TINY ignores it
+    params["compute"].update(device="cpu", precision="fp32")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    images = fashion_like(3 * N)
+    nhwc = lambda x: x.permute(0, 2, 3, 1).numpy()
+    write_images("data/prepared/test.parquet", nhwc(images[:N + 10]), np.zeros(N + 10, np.int64))
+    write_images("data/prepared/train.parquet", nhwc(images[N + 10:]), np.zeros(2 * N - 10, np.int64))
+    torch.manual_seed(0)
+    save_model("models/vqvae.pt", VQVAE(VQVAEModelParams(**params["train_vqvae"]["model"]), in_channels=1),
+               in_channels=1)
+    samples = (images[:N].float() * 0.7 + 30).round().to(torch.uint8)
+    (tmp_path / "data/samples").mkdir(parents=True)
+    np.save("data/samples/images.npy", samples.numpy())
+    monkeypatch.setattr(reference, "timed_features", functools.partial(features.timed_features, extractor=M.TINY))
+    for stage in (reference, reconstruction_fid, evaluate):
+        if stage is not reference:
+            monkeypatch.setattr(stage, "score", functools.partial(features.score, extractor=M.TINY))
+        monkeypatch.setattr(stage, "tracked_run", lambda name, p: contextlib.nullcontext(_Run()))
+    return {"test": images[:N], "train": images[N + 10 : 2 * N + 10], "samples": samples}
+
+
+def test_reference_reconstruction_and_evaluate_stages(repo):
+    reference.main()
+    reconstruction_fid.main()
+    evaluate.main()
+    test_feats = np.load("data/reference/test_features.npy")
+    assert test_feats.shape == (N, 64) and np.load("data/reference/train_features.npy").shape == (N, 64)
+
+    ref = json.loads(open("metrics/reference.json").read())
+    floor = M.fidelity_metrics(repo["train"], repo["test"], extractor=M.TINY, kid=True)
+    assert ref["floor_fid"] == pytest.approx(floor["fid"], rel=1e-6)
+    assert ref["floor_precision"] == pytest.approx(floor["precision"]) and ref["floor_kid"] == pytest.approx(floor["kid"], rel=1e-6)
+    assert {"floor_recall", "num_reference", "num_train", "seconds", "images_per_second"} <= ref.keys()
+    assert ref["num_reference"] == ref["num_train"] == N
+
+    rec = json.loads(open("metrics/reconstruction.json").read())
+    assert {"rfid", "rprecision", "rrecall", "num_images", "seconds"} <= rec.keys() and rec["num_images"] == N
+    assert rec["rfid"] > 0
+
+    ev = json.loads(open("metrics/evaluate.json").read())
+    direct = M.fidelity_metrics(repo["samples"], repo["test"], extractor=M.TINY, kid=True)
+    for key in ("fid", "precision", "recall", "f_score", "kid"):
+        assert ev[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-12), key
+    assert ev["floor_fid"] == ref["floor_fid"] and ev["rfid"] == rec["rfid"]
+    assert ev["num_samples"] == ev["num_reference"] == N and ev["images_per_second"] > 0 and "seconds" in ev
+    assert {"feature_extractor", "feature_layer", "reference_split", "prc_neighborhood", "torch_fidelity_version"} <= ev.keys()
+    assert ev["inception_precision"] == ref["inception_precision"] == "bf16"
+
+
+def test_evaluate_without_reference_names_the_stage(repo):
+    with pytest.raises(SystemExit, match="dvc repro reference"):
+        evaluate.main()
