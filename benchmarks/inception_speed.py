@@ -10,16 +10,14 @@ Images come from data/prepared if `prepare` has run, else from the Debian Fashio
 from __future__ import annotations
 
 import argparse
-import gzip
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from vqprior.features import read_uint8_images
 from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
-
-DEBIAN = Path("/usr/share/datasets/fashion-mnist")
 PATHS = {  # name: extractor kwargs
     "plain fp32 (torch-fidelity: contiguous, fp32)": dict(inception_channels_last=False, inception_bf16=False),
     "channels-last fp32 (default)": dict(inception_channels_last=True, inception_bf16=False),
@@ -28,13 +26,12 @@ PATHS = {  # name: extractor kwargs
 
 
 def load(split: str, n: int) -> torch.Tensor:
+    """The first n images of a split as uint8 N x C x H x W: the prepared split if it exists, else the raw IDX files."""
     prepared = Path(f"data/prepared/{split}.parquet")
     if prepared.exists():
-        from vqprior.data.images import read_images
-        return torch.from_numpy(read_images(prepared, limit=n).images.copy()).permute(0, 3, 1, 2).contiguous()
-    name = {"train": "train", "test": "t10k"}[split]
-    raw = gzip.open(DEBIAN / f"{name}-images-idx3-ubyte.gz").read()
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 1, 28, 28)[:n].copy())
+        return read_uint8_images(prepared, limit=n)
+    images = load_fashion_mnist(DEBIAN_FASHION_MNIST)[split].images[:n]  # N x H x W x 1
+    return torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous()
 
 
 def main() -> None:
