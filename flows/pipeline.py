@@ -1,7 +1,7 @@
 """The pipeline as a Prefect flow: one task per dvc.yaml stage, in the order dvc.yaml implies.
 
-dvc.yaml stays the only definition of the DAG: the order is derived from its deps/outs at run time,
-and each task runs `dvc repro --single-item <stage>`, so DVC's cache decides what is skipped.
+dvc.yaml stays the only definition of the DAG: the order comes from DVC's own graph at run time (a matrix stage
+such as the sampling sweep gives one task per point), and each task runs `dvc repro --single-item <stage>`, so DVC's cache decides what is skipped.
 Prefect adds retries, logs, a UI and schedules; MLflow gets one "pipeline" run the stage runs nest under.
 
     python -m flows.pipeline                      # whole DAG, offline (Prefect's temporary local server)
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import posixpath
 import subprocess
 import sys
 from collections import deque
@@ -29,51 +28,45 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-import yaml  # noqa: E402
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from stages._tracking import PARENT_RUN_ENV, git_commit, ensure_experiment, tracking_uri  # noqa: E402
 
 
-def _paths(entries) -> list[str]:
-    """dvc.yaml lists paths as plain strings or as one-key dicts ({path: {cache: false}})."""
-    return [posixpath.normpath(next(iter(e)) if isinstance(e, dict) else e) for e in entries or []]
+def stage_order(root: str | Path = ".") -> list[str]:
+    """The pipeline's stages as DVC itself expands and links them, in topological order.
 
+    A matrix/foreach stage gives one entry per item (e.g. `sweep_point@1.0-0-1.0`); among ready stages the
+    order of dvc.yaml decides, so the result is stable.
+    """
+    from dvc.exceptions import CyclicGraphError
+    from dvc.repo import Repo
 
-def _overlaps(out: str, dep: str) -> bool:
-    # DVC links stages when an out is the dep, a folder holding it, or a file inside a dep folder
-    return out == dep or dep.startswith(out + "/") or out.startswith(dep + "/")
-
-
-def stage_order(dvc_yaml: str | Path = "dvc.yaml") -> list[str]:
-    """Topological order of dvc.yaml's stages; among ready stages the file's order decides, so it is stable."""
-    spec = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
-    templated = [name for name, s in spec.items() if "foreach" in s or "matrix" in s]
-    if templated:  # their deps/outs are only known after DVC expands them
-        raise ValueError(f"foreach/matrix stages are not supported by flows.pipeline: {templated}")
-    outs = {name: _paths((s.get("outs") or []) + (s.get("metrics") or []) + (s.get("plots") or []))
-            for name, s in spec.items()}
-    upstream = {name: {other for other, their_outs in outs.items() if other != name
-                       for dep in _paths(s.get("deps")) for out in their_outs if _overlaps(out, dep)}
-                for name, s in spec.items()}
+    with Repo(str(root)) as repo:
+        try:
+            graph = repo.index.graph  # edges run from a stage to the stages it depends on
+        except CyclicGraphError as exc:
+            raise ValueError(f"dvc.yaml has a cycle among stages: {exc}") from None
+        stages = [s for s in repo.index.stages if s.cmd]  # dvc.yaml stages, not `dvc add`ed files
+        names = [s.name for s in stages]
+        upstream = {s.name: {d.name for d in graph.successors(s) if d.cmd} for s in stages}
     order: list[str] = []
-    while len(order) < len(spec):
-        # the first stage in file order whose upstream stages have all been placed
-        ready = [name for name in spec if name not in order and upstream[name] <= set(order)]
-        if not ready:
-            raise ValueError(f"dvc.yaml has a cycle among stages: {sorted(set(spec) - set(order))}")
-        order.append(ready[0])
+    while len(order) < len(names):
+        ready = [name for name in names if name not in order and upstream[name] <= set(order)]
+        order.append(ready[0])  # DVC has ruled out cycles, so one is always ready
     return order
 
 
 def select(stages: list[str] | None = None) -> list[str]:
-    """The named stages (all when None) in DAG order; an unknown name is an error."""
+    """The named stages (all when None) in DAG order; a matrix stage's name selects all its points.
+    An unknown name is an error."""
     order = stage_order()
-    unknown = set(stages or []) - set(order)
+    groups = {name.split("@")[0] for name in order}
+    unknown = set(stages or []) - set(order) - groups
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)}; dvc.yaml has {order}")
-    return [s for s in order if not stages or s in stages]
+    return [s for s in order if not stages or s in stages or s.split("@")[0] in stages]
 
 
 # NO_CACHE: DVC's cache alone decides what is skipped

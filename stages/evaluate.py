@@ -1,6 +1,9 @@
 """evaluate: FID, KID, precision and recall of the samples against the cached test features (torch-fidelity, TF
 Inception). Only the samples go through Inception; the real set's features come from the `reference` stage, and the
-data floor (`reference`) and the VQ-VAE ceiling (`reconstruction_fid`) are copied beside the result for scale."""
+data floor (`reference`) and the VQ-VAE ceiling (`reconstruction_fid`) are copied beside the result for scale.
+
+The same numbers in a second feature space, the `train_classifier` CNN's (one that knows small grayscale images),
+come out as `classifier_fid`, `classifier_precision`, `classifier_recall`; Inception's stay the headline."""
 from __future__ import annotations
 
 import json
@@ -8,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch_fidelity
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.features import load_features, score
+from vqprior.features import read_uint8_images, score_samples
 from vqprior.io import write_json_atomic
-from vqprior.metrics import INCEPTION, feature_layer
+from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
+from vqprior.models.classifier import CLASSIFIER
 from vqprior.runtime import resolve_runtime
 
 
@@ -24,34 +27,43 @@ def read_metric(path: str, key: str, stage: str) -> float:
     return json.loads(Path(path).read_text())[key]
 
 
+def read_samples(path: str | Path, stage: str) -> torch.Tensor:
+    path = Path(path)
+    if not path.exists():
+        raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
+    return torch.from_numpy(np.load(path))
+
+
+def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighborhood: int, device: str) -> dict:
+    """FID / precision / recall in the classifier's feature space: the samples vs the same first test images."""
+    reference = read_uint8_images("data/prepared/test.parquet", limit=num_reference)
+    feats = [extract_features(x, extractor=CLASSIFIER, batch_size=500, device=device,
+                              feature_extractor_weights_path="models/classifier.pt") for x in (generated, reference)]
+    m = metrics_from_features(*feats, prc_neighborhood=prc_neighborhood)
+    return {f"classifier_{k}": m[k] for k in ("fid", "precision", "recall", "f_score")} | {
+        "classifier_test_accuracy": read_metric("metrics/train_classifier.json", "test_accuracy", "train_classifier")}
+
+
 def main() -> None:
     p = load_params()
-    cfg = p.evaluate
     runtime = resolve_runtime(p.compute)
     with tracked_run("evaluate", p) as run:
-        samples_path = Path("data/samples/images.npy")
-        if not samples_path.exists():
-            raise SystemExit(f"error: {samples_path} not found; run `dvc repro sample` first")
-        generated = torch.from_numpy(np.load(samples_path))
-        reference = load_features()
-        print(f"evaluate: {len(generated)} samples vs {len(reference)} test images (cached features), {INCEPTION}")
-        metrics = score(generated, reference, batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood,
-                        device=str(runtime.device), bf16=cfg.inception_bf16)
-        metrics.update({
-            "feature_extractor": INCEPTION, "feature_layer": feature_layer(INCEPTION),
+        generated = read_samples("data/samples/images.npy", "sample")
+        print(f"evaluate: {len(generated)} samples vs the cached test features, {INCEPTION}")
+        metrics = score_samples(generated, p.evaluate, str(runtime.device))
+        metrics |= {
             "floor_fid": read_metric("metrics/reference.json", "floor_fid", "reference"),
             "rfid": read_metric("metrics/reconstruction.json", "rfid", "reconstruction_fid"),
-            "reference_split": "test", "reference_images": f"first {len(reference)} of the prepared test split",
-            "resize": "bilinear to 299x299, TF1-compatible (torch-fidelity)", "prc_neighborhood": cfg.prc_neighborhood,
-            "inception_precision": "bf16" if cfg.inception_bf16 else "fp32",
-            "torch_fidelity_version": torch_fidelity.__version__,
-        })
+        }
+        metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
+                                      str(runtime.device))
         write_json_atomic("metrics/evaluate.json", metrics)
         run.log_metrics(metrics)
         run.log_artifact("metrics/evaluate.json")
         print(f"evaluate: FID {metrics['fid']:.2f} (floor {metrics['floor_fid']:.2f}, rFID {metrics['rfid']:.2f}), "
               f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} ({metrics['seconds']:.0f}s, "
-              f"{metrics['images_per_second']:.1f} images/s)")
+              f"{metrics['images_per_second']:.1f} images/s); classifier space: FID {metrics['classifier_fid']:.2f}, "
+              f"precision {metrics['classifier_precision']:.3f}, recall {metrics['classifier_recall']:.3f}")
 
 
 if __name__ == "__main__":

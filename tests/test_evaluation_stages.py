@@ -13,9 +13,10 @@ from conftest import ROOT
 from test_metrics import fashion_like
 from stages import evaluate, reconstruction_fid, reference
 from vqprior import features, metrics as M
-from vqprior.config import VQVAEModelParams
+from vqprior.config import ClassifierModelParams, VQVAEModelParams
 from vqprior.data.images import write_images
 from vqprior.models import save_model
+from vqprior.models.classifier import CLASSIFIER, Classifier
 from vqprior.models.vqvae import VQVAE
 
 N = 40
@@ -43,13 +44,18 @@ def repo(tmp_path, monkeypatch):
     torch.manual_seed(0)
     save_model("models/vqvae.pt", VQVAE(VQVAEModelParams(**params["train_vqvae"]["model"]), in_channels=1),
                in_channels=1)
+    save_model("models/classifier.pt", Classifier(ClassifierModelParams(channels=8, feature_dim=32), 1, 10),
+               in_channels=1, num_classes=10, image_shape=[28, 28, 1])  # untrained: a fixed random feature space
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/train_classifier.json").write_text(json.dumps({"test_accuracy": 0.5}))
     samples = (images[:N].float() * 0.7 + 30).round().to(torch.uint8)
     (tmp_path / "data/samples").mkdir(parents=True)
     np.save("data/samples/images.npy", samples.numpy())
     monkeypatch.setattr(reference, "timed_features", functools.partial(features.timed_features, extractor=M.TINY))
+    tiny_score = functools.partial(features.score, extractor=M.TINY)
+    monkeypatch.setattr(features, "score", tiny_score)  # evaluate scores through features.score_samples
+    monkeypatch.setattr(reconstruction_fid, "score", tiny_score)
     for stage in (reference, reconstruction_fid, evaluate):
-        if stage is not reference:
-            monkeypatch.setattr(stage, "score", functools.partial(features.score, extractor=M.TINY))
         monkeypatch.setattr(stage, "tracked_run", lambda name, p: contextlib.nullcontext(_Run()))
     return {"test": images[:N], "train": images[N + 10 : 2 * N + 10], "samples": samples}
 
@@ -80,6 +86,11 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     assert ev["num_samples"] == ev["num_reference"] == N and ev["images_per_second"] > 0 and "seconds" in ev
     assert {"feature_extractor", "feature_layer", "reference_split", "prc_neighborhood", "torch_fidelity_version"} <= ev.keys()
     assert ev["inception_precision"] == ref["inception_precision"] == "bf16"
+    # the second feature space: the classifier's, samples vs the same first N test images
+    in_classifier_space = M.fidelity_metrics(repo["samples"], repo["test"], extractor=CLASSIFIER)
+    for key in ("fid", "precision", "recall"):
+        assert ev[f"classifier_{key}"] == pytest.approx(in_classifier_space[key], rel=1e-5, abs=1e-9), key
+    assert ev["classifier_fid"] > 0 and ev["classifier_test_accuracy"] == 0.5
 
 
 def test_evaluate_without_reference_names_the_stage(repo):

@@ -13,16 +13,23 @@ from flows.pipeline import select, stage_order
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_order_of_the_real_dvc_yaml():
-    assert stage_order(REPO / "dvc.yaml") == [
-        "prepare", "reference", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
-        "evaluate"]
+def test_order_of_the_real_dvc_yaml_expands_the_sweep_grid():
+    from vqprior.config import load_params
+
+    grid = load_params(REPO / "params.yaml").sweep
+    points = [f"sweep_point@{t}-{k}-{p}" for t in grid.temperature for k in grid.top_k for p in grid.top_p]
+    assert stage_order(REPO) == [
+        "prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
+        "evaluate", *points, "sweep"]
 
 
 def _write_dvc_yaml(folder: Path, stages: dict) -> Path:
-    path = folder / "dvc.yaml"
-    path.write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    return path
+    from dvc.repo import Repo
+
+    if not (folder / ".dvc").exists():
+        Repo.init(str(folder), no_scm=True).close()
+    (folder / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    return folder
 
 
 def test_order_of_a_diamond_listed_backwards(tmp_path):
@@ -60,6 +67,8 @@ def test_select_keeps_dag_order_and_rejects_unknown_names(monkeypatch):
     monkeypatch.chdir(REPO)
     assert select(["sample", "prepare"]) == ["prepare", "sample"]
     assert select(None)[0] == "prepare"
+    points = select(["sweep", "sweep_point"])  # a matrix stage's name selects all its points
+    assert points[-1] == "sweep" and len(points) > 2 and all(p.startswith("sweep_point@") for p in points[:-1])
     with pytest.raises(ValueError, match="nope"):
         select(["nope"])
 

@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 
 from conftest import run
 
-STAGES = ["prepare", "reference", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
-          "evaluate"]
+# profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [0, 20] x top_p [1.0]
+POINTS = ["sweep_point@1.0-0-1.0", "sweep_point@1.0-20-1.0"]
+STAGES = ["prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
+          "evaluate", *POINTS, "sweep"]
 
 
 def test_smoke_dag_end_to_end(smoke_repo):
@@ -34,8 +36,8 @@ def test_smoke_dag_end_to_end(smoke_repo):
         assert (smoke_repo / f"reports/{png}.png").stat().st_size > 1000
 
     metrics = {s: json.loads((smoke_repo / f"metrics/{s}.json").read_text())
-               for s in ("prepare", "reference", "train_vqvae", "reconstruction", "extract_codes", "train_prior",
-                         "sample", "evaluate")}
+               for s in ("prepare", "reference", "train_classifier", "train_vqvae", "reconstruction", "extract_codes",
+                         "train_prior", "sample", "evaluate")}
     assert metrics["prepare"] == {"train_images": 2700, "val_images": 300, "test_images": 500, "dropped_total": 0}
     assert len(list((smoke_repo / "reports/vqvae_epochs").glob("epoch_*.png"))) == 3
     assert metrics["train_vqvae"]["test_mse"] < 0.05 and metrics["train_vqvae"]["epochs"] == 3
@@ -52,11 +54,28 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert 0 <= ref["floor_precision"] <= 1 and 0 <= rec["rprecision"] <= 1 and 0 <= rec["rrecall"] <= 1
     assert ev["floor_fid"] == ref["floor_fid"] and ev["rfid"] == rec["rfid"]  # copied beside the FID
     assert {"kid", "seconds", "images_per_second"} <= ev.keys() and ev["images_per_second"] > 0
+    # the second feature space: a classifier trained on the labels (1 epoch of 2,700 images here)
+    assert metrics["train_classifier"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    assert ev["classifier_test_accuracy"] == metrics["train_classifier"]["test_accuracy"]
+    assert ev["classifier_fid"] > 0 and 0 <= ev["classifier_precision"] <= 1 and 0 <= ev["classifier_recall"] <= 1
 
-    # one MLflow run per stage, with params and metrics
+    # the sweep: one scored point per grid point, the best by FID named; the point with the `sample` settings
+    # draws the very same samples as `sample` (same seed), so it scores exactly what `evaluate` scored
+    sweep = json.loads((smoke_repo / "metrics/sweep.json").read_text())
+    points = sweep["points"]
+    assert [(q["temperature"], q["top_k"], q["top_p"]) for q in points] == [(1.0, 0, 1.0), (1.0, 20, 1.0)]
+    assert all(q["num_samples"] == 200 and 0 < q["fid"] < 400 and 0 <= q["recall"] <= 1 for q in points)
+    assert sweep["best"] == min(range(2), key=lambda i: points[i]["fid"]) and sweep["best_point"] == points[sweep["best"]]
+    assert points[0]["fid"] == ev["fid"] and points[0]["precision"] == ev["precision"]
+    assert points[1]["fid"] != points[0]["fid"]  # top-k 20 of 64 codes changes the samples
+    assert np.array_equal(np.load(smoke_repo / "data/sweep/t1.0-k0-p1.0/images.npy"), images)
+    assert (smoke_repo / "plots/sweep.csv").read_text().splitlines()[0].startswith("temperature,top_k,top_p,fid")
+    assert (smoke_repo / "reports/sweep.png").stat().st_size > 1000
+
+    # one MLflow run per stage (per sweep point too), with params and metrics
     mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["vqprior"])
-    assert sorted(runs["tags.mlflow.runName"]) == sorted(STAGES)
+    assert sorted(runs["tags.mlflow.runName"]) == sorted(s.split("@")[0] for s in STAGES)
     by_stage = runs.set_index("tags.mlflow.runName")
     assert by_stage.loc["train_vqvae", "params.train_vqvae.model.codebook_size"] == "64"
     assert by_stage.loc["evaluate", "metrics.fid"] == ev["fid"]
@@ -71,3 +90,34 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert len(mlflow.search_runs(experiment_names=["vqprior"])) == len(STAGES)
     shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], smoke_repo)
     assert shown.returncode == 0 and "fid" in shown.stdout
+
+    # DVC caches each sweep point: a grid with one more top_p value runs only the new points and the table
+    params = smoke_repo / "params.yaml"
+    params.write_text(params.read_text().replace("top_p: [1.0]", "top_p: [1.0, 0.9]"))
+    third = run([sys.executable, "-m", "dvc", "repro", "sweep"], smoke_repo)
+    assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
+    ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
+    assert ran == ["sweep", "sweep_point@1.0-0-0.9", "sweep_point@1.0-20-0.9"]
+    assert len(json.loads((smoke_repo / "metrics/sweep.json").read_text())["points"]) == 4
+
+
+def test_dvc_experiment_with_a_set_param(smoke_repo):
+    """`dvc exp run -S` re-runs only what reads the param; `dvc exp show` and MLflow both know the experiment."""
+    baseline = json.loads((smoke_repo / "metrics/evaluate.json").read_text())["fid"]
+    exp = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "hot", "-S", "sample.temperature=1.3"], smoke_repo)
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    ran = sorted(line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage"))
+    assert ran == ["evaluate", "sample"]  # the sweep points take their temperature from the grid, not `sample`
+
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], smoke_repo)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    exps = [e["revs"][0] for row in json.loads(shown.stdout) for e in row.get("experiments") or []]
+    hot = next(e for e in exps if e["name"] == "hot")["data"]
+    assert hot["params"]["params.yaml"]["data"]["sample"]["temperature"] == 1.3
+    fid = hot["metrics"]["metrics/evaluate.json"]["data"]["fid"]
+    assert fid == json.loads((smoke_repo / "metrics/evaluate.json").read_text())["fid"] != baseline
+
+    mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["vqprior"], filter_string="tags.`dvc.exp` = 'hot'")
+    assert sorted(runs["tags.mlflow.runName"]) == ["evaluate", "sample"]
+    assert runs.set_index("tags.mlflow.runName").loc["sample", "params.sample.temperature"] == "1.3"

@@ -6,7 +6,7 @@ with the key's dotted name, before any heavy work.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -110,6 +110,32 @@ class SampleParams(Section):
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance of a conditional prior: 0 unconditional, 1 plain conditional, > 1 stronger")
 
 
+class SweepParams(Section):
+    """The sampling grid: every temperature x top_k x top_p point is sampled and scored (stages sweep_point, sweep)."""
+
+    temperature: list[Annotated[float, Field(gt=0)]] = Field([1.0], min_length=1)
+    top_k: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1, description="0 disables top-k")
+    top_p: list[Annotated[float, Field(gt=0, le=1)]] = Field([1.0], min_length=1, description="1.0 disables top-p")
+
+    @model_validator(mode="after")
+    def _no_repeats(self):
+        for name in ("temperature", "top_k", "top_p"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):
+                raise ValueError(f"{name} lists a value twice: {values}")
+        return self
+
+
+class ClassifierModelParams(Section):
+    channels: int = Field(16, ge=4, description="width of the first conv block; the second is twice as wide")
+    feature_dim: int = Field(128, ge=8, description="width of the penultimate layer, the feature space for FID")
+
+
+class TrainClassifierParams(Section):
+    model: ClassifierModelParams = ClassifierModelParams()
+    train: TrainParams = TrainParams(epochs=4, batch_size=256, lr=5e-3, warmup_steps=100, patience=2)
+
+
 class EvaluateParams(Section):
     num_reference: int = Field(2000, ge=2, description="test images used as the real set")
     batch_size: int = Field(50, ge=1)
@@ -131,6 +157,8 @@ class Params(Section):
     extract_codes: ExtractCodesParams = ExtractCodesParams()
     train_prior: TrainPriorParams = TrainPriorParams()
     sample: SampleParams = SampleParams()
+    sweep: SweepParams = SweepParams()
+    train_classifier: TrainClassifierParams = TrainClassifierParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
 

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch_fidelity
 
+from .config import EvaluateParams
 from .data.images import read_images
 from .io import atomic_path
-from .metrics import INCEPTION, extract_features, metrics_from_features
+from .metrics import INCEPTION, extract_features, feature_layer, metrics_from_features
 
 TEST_FEATURES = Path("data/reference/test_features.npy")
 TRAIN_FEATURES = Path("data/reference/train_features.npy")
@@ -36,6 +38,20 @@ def score(images: torch.Tensor, reference: torch.Tensor, *, batch_size: int, prc
     feats, seconds = timed_features(images, batch_size=batch_size, device=device, extractor=extractor, bf16=bf16)
     metrics = metrics_from_features(feats, reference, prc_neighborhood=prc_neighborhood, kid=True)
     return metrics | {"seconds": round(seconds, 1), "images_per_second": round(len(images) / seconds, 1)}
+
+
+def score_samples(images: torch.Tensor, cfg: EvaluateParams, device: str) -> dict:
+    """`score` of generated images against the cached test features, with the protocol that makes it comparable."""
+    reference = load_features()
+    metrics = score(images, reference, batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood,
+                    device=device, bf16=cfg.inception_bf16)
+    return metrics | {
+        "feature_extractor": INCEPTION, "feature_layer": feature_layer(INCEPTION),
+        "reference_split": "test", "reference_images": f"first {len(reference)} of the prepared test split",
+        "resize": "bilinear to 299x299, TF1-compatible (torch-fidelity)", "prc_neighborhood": cfg.prc_neighborhood,
+        "inception_precision": "bf16" if cfg.inception_bf16 else "fp32",
+        "torch_fidelity_version": torch_fidelity.__version__,
+    }
 
 
 def save_features(path: str | Path, features: torch.Tensor) -> None:

@@ -28,10 +28,17 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | N
         image.save(tmp, format="PNG")
 
 
-def write_history_csv(path: str | Path, history: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows of scalars -> CSV (columns in first-seen order; floats to 6 significant digits)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["epoch"] + [k for k in keys if k != "epoch"])
+        writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
-        for epoch, row in enumerate(history, start=1):
-            writer.writerow({"epoch": epoch, **{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}})
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_history_csv(path: str | Path, history: list[dict]) -> None:
+    """Per-epoch metrics, numbered from 1 in an `epoch` column first."""
+    write_csv(path, [{"epoch": epoch} | {k: v for k, v in row.items() if k != "epoch"}
+                     for epoch, row in enumerate(history, start=1)])

@@ -1,10 +1,16 @@
 """Autoregressive sampling of code grids: temperature, top-k, top-p, classifier-free guidance, batched, with a KV cache."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 import torch
 from tqdm import tqdm
 
+from .data.images import to_uint8
 from .models.prior import Prior
+from .models.vqvae import VQVAE
+from .runtime import Runtime
 
 
 def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -70,3 +76,29 @@ def sample_in_batches(prior: Prior, n: int, batch_size: int, seed: int, labels: 
             out.append(sample_codes(prior, size, generator=generator, labels=batch_labels, **kwargs).cpu())
             bar.update(len(out[-1]))
     return torch.cat(out)
+
+
+@dataclass
+class Generated:
+    images: torch.Tensor  # uint8 N x C x H x W
+    codes: torch.Tensor  # N x grid_h x grid_w
+    labels: torch.Tensor | None  # the class of each sample (conditional prior), else None
+    seconds: float  # drawing the codes, decoding excluded
+
+
+def generate(prior: Prior, vqvae: VQVAE, grid: tuple[int, int], runtime: Runtime, *, num_samples: int,
+             batch_size: int, seed: int, guidance: float = 1.0, **filters) -> Generated:
+    """Sample code grids and decode them to images. A conditional prior gets its classes spread evenly
+    (sample i is class i % num_classes), so every class is equally represented at any num_samples."""
+    classes = prior.num_classes
+    labels = torch.arange(num_samples) % classes if classes else None
+    t0 = time.perf_counter()
+    with runtime.autocast():
+        codes = sample_in_batches(prior, num_samples, batch_size, seed, labels=labels, guidance=guidance, **filters)
+    seconds = time.perf_counter() - t0
+    codes = codes.view(-1, *grid)
+    images = []
+    for start in range(0, len(codes), batch_size):
+        with runtime.autocast():
+            images.append(to_uint8(vqvae.decode(codes[start : start + batch_size].to(runtime.device))).cpu())
+    return Generated(torch.cat(images), codes, labels, seconds)

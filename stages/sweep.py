@@ -1,0 +1,85 @@
+"""sweep: gather the scored grid points (stage `sweep_point`) into one table, plot it, and name the best point by FID.
+
+Writes metrics/sweep.json ({"points": [...], "best": index, ...}), plots/sweep.csv and reports/sweep.png
+(precision against recall, FID against temperature). Only the points of the current grid count: folders left by
+points since removed from params.yaml are ignored.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from stages._tracking import tracked_run  # noqa: E402
+from vqprior.config import SweepParams, load_params  # noqa: E402
+from vqprior.io import atomic_path, write_json_atomic  # noqa: E402
+from vqprior.plots import write_csv  # noqa: E402
+
+POINTS = Path("data/sweep")
+COLUMNS = ("temperature", "top_k", "top_p", "fid", "kid", "precision", "recall", "f_score", "num_samples",
+           "unique_codes_used")
+
+
+def grid(cfg: SweepParams) -> list[tuple[float, int, float]]:
+    return list(itertools.product(cfg.temperature, cfg.top_k, cfg.top_p))
+
+
+def read_points(cfg: SweepParams, folder: Path = POINTS) -> list[dict]:
+    """The scores of every grid point, in grid order; a missing point is an error naming the stage to run."""
+    found = {}
+    for path in sorted(folder.glob("*/scores.json")):
+        s = json.loads(path.read_text())
+        found[(s["temperature"], s["top_k"], s["top_p"])] = s
+    missing = [point for point in grid(cfg) if point not in found]
+    if missing:
+        raise SystemExit(f"error: no scores under {folder}/ for grid point(s) (temperature, top_k, top_p) {missing}; "
+                         "run `dvc repro sweep` (it runs the sweep_point stages first)")
+    return [{k: found[point].get(k) for k in COLUMNS} for point in grid(cfg)]
+
+
+def plot(points: list[dict], best: int, path: str | Path) -> None:
+    fig, (pr, ft) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, pt in enumerate(points):
+        pr.scatter(pt["recall"], pt["precision"], marker="*" if i == best else "o", s=120 if i == best else 40)
+        pr.annotate(f"T{pt['temperature']} k{pt['top_k']} p{pt['top_p']}", (pt["recall"], pt["precision"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    pr.set(xlabel="recall", ylabel="precision", title="precision vs recall (star: best FID)")
+    for (k, p), group in itertools.groupby(sorted(points, key=lambda q: (q["top_k"], q["top_p"], q["temperature"])),
+                                           key=lambda q: (q["top_k"], q["top_p"])):
+        group = list(group)
+        ft.plot([q["temperature"] for q in group], [q["fid"] for q in group], marker="o", label=f"top_k {k}, top_p {p}")
+    ft.set(xlabel="temperature", ylabel="FID", title="FID vs temperature")
+    ft.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = load_params()
+    with tracked_run("sweep", p) as run:
+        points = read_points(p.sweep)
+        best = min(range(len(points)), key=lambda i: points[i]["fid"])
+        summary = {"points": points, "best": best, "criterion": "lowest fid", "best_point": points[best]}
+        write_json_atomic("metrics/sweep.json", summary)
+        write_csv("plots/sweep.csv", points)
+        plot(points, best, "reports/sweep.png")
+        run.log_metrics({f"best_{k}": v for k, v in points[best].items() if v is not None})
+        for path in ("metrics/sweep.json", "plots/sweep.csv", "reports/sweep.png"):
+            run.log_artifact(path)
+        print(f"sweep: {len(points)} points; best by FID: T={points[best]['temperature']} top_k={points[best]['top_k']} "
+              f"top_p={points[best]['top_p']}: FID {points[best]['fid']:.2f}, precision {points[best]['precision']:.3f}, "
+              f"recall {points[best]['recall']:.3f}")
+        for pt in points:
+            print(f"  T={pt['temperature']:<5} top_k={pt['top_k']:<4} top_p={pt['top_p']:<5} FID {pt['fid']:7.2f}  "
+                  f"precision {pt['precision']:.3f}  recall {pt['recall']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
