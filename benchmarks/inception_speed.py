@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_idx_dataset
 from vqprior.features import read_uint8_images
 from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
 PATHS = {  # name: extractor kwargs
@@ -30,7 +30,7 @@ def load(split: str, n: int) -> torch.Tensor:
     prepared = Path(f"data/prepared/{split}.parquet")
     if prepared.exists():
         return read_uint8_images(prepared, limit=n)
-    images = load_fashion_mnist(DEBIAN_FASHION_MNIST)[split].images[:n]  # N x H x W x 1
+    images = load_idx_dataset(DEBIAN_FASHION_MNIST)[split].images[:n]  # N x H x W x 1
     return torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous()
 
 

@@ -1,4 +1,6 @@
-"""prepare: Fashion-MNIST IDX -> validated, de-duplicated train/val/test Parquet splits, stats.json, a cleaning report."""
+"""prepare: a data source (IDX, CIFAR-10, STL-10 or a folder of image files) -> cleaned train/val/test Parquet splits,
+stats.json, and a cleaning report (reports/prepare.json: drops by reason with example names, split sizes, class balance).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +9,12 @@ import numpy as np
 import torch
 
 from stages._tracking import tracked_run
-from vqprior.config import load_params
-from vqprior.data.clean import CleanReport, carve_val, drop_duplicates, subset
-from vqprior.data.images import channel_stats, file_sha256, write_images
-from vqprior.data.sources import load_fashion_mnist, locate_fashion_mnist
+from vqprior.config import Params, load_params
+from vqprior.data.build import Deduplicator, array_images, plan, write_splits
+from vqprior.data.clean import CleanReport
+from vqprior.data.folder import DecodeSpec, decode_files, scan_folder
+from vqprior.data.images import file_sha256, read_images
+from vqprior.data.sources import ARRAY_SOURCES, DataError, locate
 from vqprior.io import write_json_atomic
 from vqprior.plots import save_grid
 
@@ -19,49 +23,78 @@ OUT = Path("data/prepared")
 
 def main() -> None:
     p = load_params()
+    cfg = p.prepare
     with tracked_run("prepare", p) as run:
-        folder = locate_fashion_mnist(p.data.root, p.data.download, Path("data/raw"))
-        print(f"prepare: reading Fashion-MNIST from {folder}")
-        raw = load_fashion_mnist(folder)
-        report = CleanReport(counts_in={name: len(split.images) for name, split in raw.items()})
-        if p.prepare.drop_duplicates:
-            raw = drop_duplicates(raw, ["train", "test"], report)
         rng = np.random.default_rng(p.seed)
-        train = subset(raw["train"], p.prepare.max_train, rng)
-        test = subset(raw["test"], p.prepare.max_test, rng)
-        train, val = carve_val(train, p.prepare.val_fraction, rng)
-        splits = {"train": train, "val": val, "test": test}
+        report = CleanReport()
+        dedupe = Deduplicator(cfg.near_duplicate_bits) if cfg.drop_duplicates else None
+        split_args = dict(val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction,
+                          max_train=cfg.max_train, max_test=cfg.max_test)
+        if p.data.source == "image_folder":
+            origin, jobs, spec, images, classes = from_folder(p, rng, report, split_args)
+        else:
+            origin, jobs, spec, images, classes = from_arrays(p, rng, report, split_args)
+        print(f"prepare: {len(jobs)} images from {p.data.source} ({origin}) -> {spec.size}x{spec.size}x{spec.channels}")
+        writers = write_splits(jobs, images, spec, OUT, report, dedupe)
 
-        for name, split in splits.items():
-            write_images(OUT / f"{name}.parquet", split.images, split.labels)
-            report.split_sizes[name] = len(split.images)
-            report.class_balance[name] = {int(k): int(v) for k, v in zip(*np.unique(split.labels, return_counts=True))}
-        hashes = {name: file_sha256(OUT / f"{name}.parquet") for name in splits}
+        report.split_sizes = {s: w.count for s, w in writers.items()}
+        report.class_balance = {s: dict(sorted(w.label_counts.items())) for s, w in writers.items()}
+        hashes = {s: file_sha256(OUT / f"{s}.parquet") for s in writers}
         stats = {
-            "source": "fashion_mnist",
-            "source_folder": str(folder),
-            "image_shape": list(train.images.shape[1:]),  # H, W, C
+            "source": p.data.source,
+            "source_folder": origin,
+            "classes": classes,
+            "image_shape": [spec.size, spec.size, spec.channels],  # H, W, C
             "counts": report.split_sizes,
-            "train_pixel_stats": channel_stats(train.images),  # per channel, in [0, 1] units
+            "train_pixel_stats": writers["train"].channel_stats(),  # per channel, in [0, 1] units
             # stored pixels are uint8; models see x / 127.5 - 1, so decoding is (y + 1) * 127.5
             "normalisation": {"kind": "scale", "scale": 1 / 127.5, "shift": -1.0, "range": [-1.0, 1.0]},
             "sha256": hashes,
         }
         write_json_atomic(OUT / "stats.json", stats)
-        write_json_atomic("reports/prepare.json", report.as_dict())
-        pick = np.random.default_rng(p.seed).choice(len(train.images), size=min(64, len(train.images)), replace=False)
-        save_grid(torch.from_numpy(train.images[pick]).permute(0, 3, 1, 2), "reports/prepare_examples.png", nrow=8)
-
         summary = report.as_dict()
+        write_json_atomic("reports/prepare.json", summary)
+        train = read_images(OUT / "train.parquet")
+        pick = np.random.default_rng(p.seed).choice(len(train), size=min(64, len(train)), replace=False)
+        save_grid(torch.from_numpy(train.images[np.sort(pick)]).permute(0, 3, 1, 2), "reports/prepare_examples.png", nrow=8)
+
         metrics = {f"{k}_images": v for k, v in report.split_sizes.items()} | {"dropped_total": summary["dropped_total"]}
         write_json_atomic("metrics/prepare.json", metrics)
         print(f"prepare: splits {report.split_sizes}, dropped {summary['dropped_total']} ({summary['dropped']})")
         run.log_metrics(metrics)
-        for name in splits:
-            run.log_dataset(OUT / f"{name}.parquet", name=f"fashion_mnist_{name}", context=name, digest=hashes[name])
+        for name in writers:
+            run.log_dataset(OUT / f"{name}.parquet", name=f"{p.data.source}_{name}", context=name, digest=hashes[name])
         run.log_artifact("reports/prepare.json")
         run.log_artifact("reports/prepare_examples.png")
         run.set_tags({"data.sha256." + k: v[:16] for k, v in hashes.items()})
+
+
+def from_arrays(p: Params, rng, report: CleanReport, split_args: dict):
+    folder = locate(p.data.source, p.data.root, p.data.download, Path("data/raw"))
+    raw = ARRAY_SOURCES[p.data.source].load(folder)  # {"train", "test"}: RawSplit
+    h, w, c = raw["train"].images.shape[1:]
+    spec = DecodeSpec(size=p.data.image_size or min(h, w), channels=p.data.channels or c)
+    report.counts_in = {s: len(r.images) for s, r in raw.items()}
+    pools = {s: [(f"{s}/{i}", int(label)) for i, label in enumerate(r.labels)] for s, r in raw.items()}
+    jobs = plan(pools, rng, **split_args)
+    classes = [str(i) for i in range(int(max(r.labels.max() for r in raw.values())) + 1)]
+    return str(folder), jobs, spec, array_images(jobs, raw, spec), classes
+
+
+def from_folder(p: Params, rng, report: CleanReport, split_args: dict):
+    root = Path(p.data.root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} (data.root) not found; point data.root at a folder of images")
+    scan = scan_folder(root)
+    for rel, reason in scan.rejected:
+        report.drop(reason, "scan", examples=[rel])
+    report.counts_in = {s: len(f) for s, f in scan.files.items()}
+    jobs = plan(scan.files, rng, **split_args)
+    spec = DecodeSpec(size=p.data.image_size, channels=p.data.channels or 3, min_size=p.prepare.min_size,
+                      max_aspect=p.prepare.max_aspect)
+    decoded = ((pixels, reason) for _, pixels, reason in
+               decode_files(root, [j.name for j in jobs], spec, workers=p.prepare.workers, desc="prepare"))
+    return str(root), jobs, spec, decoded, scan.classes
 
 
 if __name__ == "__main__":

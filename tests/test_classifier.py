@@ -11,7 +11,7 @@ from conftest import ROOT
 from stages import train_classifier
 from vqprior import metrics as M
 from vqprior.data.images import write_images
-from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_fashion_mnist
+from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_idx_dataset
 from vqprior.models.classifier import CLASSIFIER, load_classifier, scale_images
 
 SIZES = {"train": 2000, "val": 500, "test": 1000}
@@ -33,7 +33,7 @@ def write_repo(root, labels=True):
                                   "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5,
                                             "grad_clip": 1.0, "patience": 2}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
-    raw = load_fashion_mnist(DEBIAN_FASHION_MNIST)
+    raw = load_idx_dataset(DEBIAN_FASHION_MNIST)
     train, test = raw["train"], raw["test"]
     cuts = {"train": (train, 0), "val": (train, SIZES["train"]), "test": (test, 0)}
     for name, (split, start) in cuts.items():
@@ -55,7 +55,7 @@ def trained(tmp_path_factory):
         mp.chdir(root)
         mp.setattr(train_classifier, "tracked_run", lambda name, p: contextlib.nullcontext(run))
         train_classifier.main()
-    test = load_fashion_mnist(DEBIAN_FASHION_MNIST)["test"]
+    test = load_idx_dataset(DEBIAN_FASHION_MNIST)["test"]
     images = torch.from_numpy(test.images[: SIZES["test"]].copy()).permute(0, 3, 1, 2).contiguous()
     return {"root": root, "run": run, "weights": str(root / "models/classifier.pt"), "images": images,
             "labels": torch.from_numpy(test.labels[: SIZES["test"]])}

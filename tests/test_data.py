@@ -1,3 +1,4 @@
+import dataclasses
 import gzip
 import struct
 
@@ -8,9 +9,11 @@ import pytest
 import torch
 
 from vqprior.data import sources
-from vqprior.data.clean import CleanReport, carve_val, drop_duplicates, subset
+from vqprior.data.build import Deduplicator, Job, write_splits
+from vqprior.data.clean import CleanReport
+from vqprior.data.folder import DecodeSpec
 from vqprior.data.images import iter_image_batches, read_images, to_model_input, to_uint8, write_images
-from vqprior.data.sources import DataError, RawSplit, load_fashion_mnist, locate_fashion_mnist, read_idx
+from vqprior.data.sources import ARRAY_SOURCES, DataError, load_cifar10, load_idx_dataset, load_stl10, locate, read_idx
 
 
 def write_idx(path, array, gz=True):
@@ -47,43 +50,37 @@ def test_read_idx_round_trip_and_truncation(tmp_path):
 
 def test_load_validates_labels(tmp_path):
     folder = make_fashion_folder(tmp_path / "f")
-    splits = load_fashion_mnist(folder)
+    splits = load_idx_dataset(folder)
     assert splits["train"].images.shape == (40, 28, 28, 1) and splits["train"].images.dtype == np.uint8
     assert splits["test"].labels.shape == (10,)
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.full(10, 12, dtype=np.uint8))
     with pytest.raises(DataError, match="labels must lie in 0..9"):
-        load_fashion_mnist(folder)
+        load_idx_dataset(folder)
 
 
 def test_locate_prefers_configured_folder_and_names_all_tried(tmp_path, monkeypatch):
     folder = make_fashion_folder(tmp_path / "mine")
-    assert locate_fashion_mnist(str(folder), download=False, download_dir=tmp_path / "dl") == folder
-    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    assert locate("fashion_mnist", str(folder), download=False, download_dir=tmp_path / "dl") == folder
+    no_debian = dataclasses.replace(ARRAY_SOURCES["fashion_mnist"], debian=tmp_path / "no-debian")
+    monkeypatch.setitem(sources.ARRAY_SOURCES, "fashion_mnist", no_debian)
     with pytest.raises(DataError) as info:
-        locate_fashion_mnist(str(tmp_path / "empty"), download=False, download_dir=tmp_path / "dl")
+        locate("fashion_mnist", str(tmp_path / "empty"), download=False, download_dir=tmp_path / "dl")
     msg = str(info.value.code)
     assert str(tmp_path / "empty") in msg and "no-debian" in msg and "dataset-fashion-mnist" in msg
 
 
-def test_duplicates_dropped_within_and_across_splits():
+def test_duplicates_dropped_within_and_across_splits(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
-    train = RawSplit(np.concatenate([img, img[:2]]), np.arange(7))
-    test = RawSplit(np.concatenate([img[3:4], img[4:5] + 1]), np.array([0, 1]))
+    train = list(img) + list(img[:2])  # two copies inside train
+    test = [img[3], img[4] + 1]  # a train image again, and a new one
+    jobs = [Job(f"train/{i}", i, "train") for i in range(7)] + [Job(f"test/{i}", i, "test") for i in range(2)]
     report = CleanReport()
-    out = drop_duplicates({"train": train, "test": test}, ["train", "test"], report)
-    assert len(out["train"].images) == 5 and len(out["test"].images) == 1
+    writers = write_splits(jobs, ((x, None) for x in train + test), DecodeSpec(size=4, channels=1), tmp_path, report,
+                           Deduplicator())
+    assert writers["train"].count == 5 and writers["test"].count == 1 and writers["val"].count == 0
     assert report.dropped == {"duplicate": {"train": 2}, "duplicate_of_earlier_split": {"test": 1}}
+    assert report.examples == {"duplicate": ["train/5", "train/6"], "duplicate_of_earlier_split": ["test/0"]}
     assert report.as_dict()["dropped_total"] == 3
-
-
-def test_val_split_is_seeded_and_disjoint():
-    split = RawSplit(np.arange(100, dtype=np.uint8).reshape(100, 1, 1, 1), np.arange(100))
-    a_train, a_val = carve_val(split, 0.2, np.random.default_rng(1))
-    b_train, b_val = carve_val(split, 0.2, np.random.default_rng(1))
-    assert len(a_val.labels) == 20 and len(a_train.labels) == 80
-    assert np.array_equal(a_val.labels, b_val.labels)
-    assert not set(a_train.labels) & set(a_val.labels)
-    assert len(subset(split, 10, np.random.default_rng(0)).labels) == 10
 
 
 def test_image_store_round_trip(tmp_path):
@@ -105,3 +102,35 @@ def test_normalisation_inverts_exactly():
     x = to_model_input(images)
     assert x.shape == (1, 1, 16, 16) and x.min() == -1 and x.max() == 1
     assert torch.equal(to_uint8(x), torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+def test_cifar10_batches_are_read_from_colour_planes(tmp_path):
+    import pickle
+
+    rng = np.random.default_rng(0)
+    rows = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        rows[name] = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        with open(tmp_path / name, "wb") as f:
+            pickle.dump({b"data": rows[name], b"labels": [1, 2, 3, 9]}, f)
+    splits = load_cifar10(tmp_path)
+    assert splits["train"].images.shape == (20, 32, 32, 3) and splits["test"].images.shape == (4, 32, 32, 3)
+    # pixel (row 5, column 7) of the test set's 3rd image, blue: the third plane of 1,024 bytes
+    assert splits["test"].images[2, 5, 7, 2] == rows["test_batch"][2, 2 * 1024 + 5 * 32 + 7]
+    assert splits["train"].labels.tolist() == [1, 2, 3, 9] * 5
+    (tmp_path / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match="not a readable CIFAR-10 batch"):
+        load_cifar10(tmp_path)
+
+
+def test_stl10_binary_is_read_column_major(tmp_path):
+    rng = np.random.default_rng(0)
+    images = {s: rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8) for s, n in (("train", 3), ("test", 2))}
+    for split, x in images.items():
+        x.transpose(0, 3, 2, 1).tofile(tmp_path / f"{split}_X.bin")  # STL-10 stores channel, column, row
+        np.arange(1, len(x) + 1, dtype=np.uint8).tofile(tmp_path / f"{split}_y.bin")  # labels 1..10 on disk
+    splits = load_stl10(tmp_path)
+    assert np.array_equal(splits["train"].images, images["train"]) and splits["test"].labels.tolist() == [0, 1]
+    (tmp_path / "test_X.bin").write_bytes((tmp_path / "test_X.bin").read_bytes()[:-10])
+    with pytest.raises(DataError, match="re-download STL-10"):
+        load_stl10(tmp_path)

@@ -24,9 +24,18 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["fashion_mnist"] = "fashion_mnist"
-    root: str | None = None  # folder with the IDX .gz files, looked at first
-    download: bool = True  # fall back to torchvision's download if no local copy exists
+    source: Literal["fashion_mnist", "mnist", "cifar10", "stl10", "image_folder"] = "fashion_mnist"
+    root: str | None = Field(None, description="the data's folder, looked at first (image_folder: required)")
+    download: bool = Field(True, description="fall back to torchvision's download if no local copy exists")
+    image_size: int | None = Field(None, ge=8, description="side of the square prepared images; null: the source's "
+                                   "own (image_folder: required)")
+    channels: Literal[0, 1, 3] = Field(0, description="1 gray, 3 RGB; 0: the source's own (image_folder: RGB)")
+
+    @model_validator(mode="after")
+    def _folder_needs_root_and_size(self):
+        if self.source == "image_folder" and (self.root is None or self.image_size is None):
+            raise ValueError("source image_folder needs data.root (the folder) and data.image_size (e.g. 64)")
+        return self
 
 
 class ComputeParams(Section):
@@ -38,9 +47,15 @@ class ComputeParams(Section):
 
 class PrepareParams(Section):
     val_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out as test when the source has no test split")
     max_train: int | None = Field(None, ge=100, description="subset of the train split (smoke runs)")
     max_test: int | None = Field(None, ge=50, description="subset of the test split (smoke runs)")
     drop_duplicates: bool = True
+    near_duplicate_bits: int | None = Field(None, ge=0, le=16, description="also drop an image whose 64-bit perceptual "
+                                            "hash is within this many bits of an earlier one's; null: off")
+    min_size: int = Field(16, ge=1, description="files whose shorter side is below this many pixels are dropped")
+    max_aspect: float = Field(4.0, ge=1, description="files whose long side / short side exceeds this are dropped")
+    workers: int = Field(0, ge=0, description="processes decoding image files; 0: all cores")
 
 
 class TrainParams(Section):

@@ -5,6 +5,7 @@ is applied when batches are loaded, and `stats.json` records it so decoding can 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -46,19 +47,67 @@ def image_schema(height: int, width: int, channels: int) -> pa.Schema:
     )
 
 
+class SplitWriter:
+    """Appends images to a prepared split, one Parquet row group per ROW_GROUP images, so memory stays flat however
+    large the split. The file appears (renamed from a temporary one) only when the `with` block ends cleanly.
+    Counts per label and per-channel pixel sums ride along for the report and stats.json."""
+
+    def __init__(self, path: str | Path, height: int, width: int, channels: int):
+        self.path, self.shape = Path(path), (height, width, channels)
+        self.schema = image_schema(height, width, channels)
+        self.count, self.label_counts = 0, {}  # images added so far, written or buffered
+        self._sum, self._sumsq = np.zeros(channels), np.zeros(channels)
+        self._images, self._labels = [], []
+
+    def __enter__(self) -> "SplitWriter":
+        self._stack = contextlib.ExitStack()
+        tmp = self._stack.enter_context(atomic_path(self.path))
+        self._writer = self._stack.enter_context(pq.ParquetWriter(tmp, self.schema))
+        return self
+
+    def add(self, image: np.ndarray, label: int) -> None:
+        if image.shape != self.shape:
+            raise ValueError(f"{self.path.name}: image of shape {image.shape}, the split holds {self.shape}")
+        self._images.append(image)
+        self._labels.append(int(label))
+        self.count += 1
+        if len(self._images) >= ROW_GROUP:
+            self._flush()
+
+    def add_batch(self, images: np.ndarray, labels: np.ndarray) -> None:
+        for image, label in zip(images, labels):
+            self.add(image, label)
+
+    def _flush(self) -> None:
+        if not self._images:
+            return
+        images, labels = np.stack(self._images), np.asarray(self._labels, dtype=np.int64)
+        n, size = len(images), int(np.prod(self.shape))
+        x = images.reshape(n, -1, self.shape[2]).astype(np.float64) / 255.0
+        self._sum += x.sum(axis=(0, 1))
+        self._sumsq += (x * x).sum(axis=(0, 1))
+        for k, v in zip(*np.unique(labels, return_counts=True)):
+            self.label_counts[int(k)] = self.label_counts.get(int(k), 0) + int(v)
+        pixels = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), size)
+        index = pa.array(np.arange(self.count - n, self.count))  # count already holds the buffered images
+        self._writer.write_batch(pa.record_batch([index, pa.array(labels.astype(np.int16)), pixels], schema=self.schema))
+        self._images, self._labels = [], []
+
+    def channel_stats(self) -> dict:
+        """Per-channel mean and std of the written pixels, in [0, 1] units."""
+        pixels = max(1, self.count * self.shape[0] * self.shape[1])
+        mean = self._sum / pixels
+        return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(self._sumsq / pixels - mean**2, 0)).tolist()}
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self._flush()
+        return self._stack.__exit__(exc_type, exc, tb)
+
+
 def write_images(path: str | Path, images: np.ndarray, labels: np.ndarray) -> None:
-    n, h, w, c = images.shape
-    schema = image_schema(h, w, c)
-    flat = np.ascontiguousarray(images).reshape(n, -1)
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        for start in range(0, n, ROW_GROUP):
-            stop = min(n, start + ROW_GROUP)
-            pixels = pa.FixedSizeListArray.from_arrays(pa.array(flat[start:stop].ravel()), h * w * c)
-            batch = pa.record_batch(
-                [pa.array(np.arange(start, stop)), pa.array(labels[start:stop].astype(np.int16)), pixels],
-                schema=schema,
-            )
-            writer.write_batch(batch)
+    with SplitWriter(path, *images.shape[1:]) as writer:
+        writer.add_batch(images, labels)
 
 
 def _image_shape(path: Path, schema: pa.Schema) -> tuple[int, int, int]:

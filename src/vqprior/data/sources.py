@@ -1,10 +1,13 @@
-"""Raw image sources. Fashion-MNIST IDX files: configured folder, then Debian's, then a download."""
+"""Array data sets (Fashion-MNIST and MNIST as IDX, CIFAR-10 python batches, STL-10 binary): found in data.root, then
+Debian's package folder, then a torchvision download when allowed. Folders of image files are in folder.py."""
 from __future__ import annotations
 
 import gzip
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -56,34 +59,8 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _complete(folder: Path) -> bool:
-    return all(_find_idx(folder, stem) for pair in IDX_FILES.values() for stem in pair)
-
-
-def locate_fashion_mnist(root: str | None, download: bool, download_dir: Path) -> Path:
-    """Configured folder first, then Debian's package folder, then torchvision's download."""
-    tried = []
-    for folder in ([Path(root)] if root else []) + [DEBIAN_FASHION_MNIST, download_dir / "FashionMNIST" / "raw"]:
-        tried.append(str(folder))
-        if folder.is_dir() and _complete(folder):
-            return folder
-    if download:
-        try:
-            from torchvision.datasets import FashionMNIST
-
-            for train in (True, False):
-                FashionMNIST(str(download_dir), train=train, download=True)
-        except Exception as exc:  # network errors come in many types
-            tried.append(f"download ({exc.__class__.__name__}: {str(exc)[:80]})")
-        else:
-            return download_dir / "FashionMNIST" / "raw"
-    raise DataError(
-        "Fashion-MNIST not found; tried " + ", ".join(tried) + ". Install Debian's 'dataset-fashion-mnist', "
-        "set data.root to a folder with the four IDX files, or set data.download: true with internet access"
-    )
-
-
-def load_fashion_mnist(folder: Path) -> dict[str, RawSplit]:
+def load_idx_dataset(folder: Path) -> dict[str, RawSplit]:
+    """MNIST-style IDX files (Fashion-MNIST, MNIST): train and test, 10 classes."""
     splits = {}
     for split, (img_stem, lbl_stem) in IDX_FILES.items():
         images = read_idx(_find_idx(folder, img_stem))
@@ -96,3 +73,100 @@ def load_fashion_mnist(folder: Path) -> dict[str, RawSplit]:
             raise DataError(f"{split} labels must lie in 0..9, found {labels.min()}..{labels.max()}")
         splits[split] = RawSplit(images[..., None], labels.astype(np.int64))
     return splits
+
+
+CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+
+
+def load_cifar10(folder: Path) -> dict[str, RawSplit]:
+    """CIFAR-10's python batches (cifar-10-batches-py): rows of 3072 bytes, the red plane, then green, then blue."""
+    splits = {}
+    for split, names in CIFAR_BATCHES.items():
+        images, labels = [], []
+        for name in names:
+            try:
+                with open(folder / name, "rb") as f:
+                    batch = pickle.load(f, encoding="bytes")
+                data, batch_labels = np.asarray(batch[b"data"], dtype=np.uint8), batch[b"labels"]
+            except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+                raise DataError(f"{folder / name} is not a readable CIFAR-10 batch ({exc.__class__.__name__}); "
+                                "re-download cifar-10-python.tar.gz") from None
+            if data.ndim != 2 or data.shape[1] != 3072 or len(batch_labels) != len(data):
+                raise DataError(f"{folder / name}: expected N x 3072 pixels and N labels, got {data.shape}")
+            images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(batch_labels, dtype=np.int64))
+        splits[split] = RawSplit(np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels))
+    return splits
+
+
+def load_stl10(folder: Path) -> dict[str, RawSplit]:
+    """STL-10's binary files (stl10_binary): 96x96x3 images stored column-major per channel, labels 1..10."""
+    splits = {}
+    for split in ("train", "test"):
+        x_path, y_path = folder / f"{split}_X.bin", folder / f"{split}_y.bin"
+        x, y = np.fromfile(x_path, dtype=np.uint8), np.fromfile(y_path, dtype=np.uint8)
+        if x.size % (3 * 96 * 96) or x.size // (3 * 96 * 96) != y.size:
+            raise DataError(f"{x_path} holds {x.size} bytes for {y.size} labels (96x96x3 each); re-download STL-10")
+        images = x.reshape(-1, 3, 96, 96).transpose(0, 3, 2, 1)  # stored as channel, column, row
+        splits[split] = RawSplit(np.ascontiguousarray(images), y.astype(np.int64) - 1)
+    return splits
+
+
+@dataclass(frozen=True)
+class ArraySource:
+    """Where a known data set's files live and how to read them."""
+
+    files: tuple[str, ...]  # what a folder must hold to count as a copy
+    debian: Path | None  # Debian's package folder, if there is a package
+    download_subdir: str  # where torchvision's download puts the files, under the download folder
+    torchvision: str  # torchvision.datasets class that downloads it
+    hint: str  # how to get the data by hand
+    load: Callable[[Path], dict[str, RawSplit]]
+
+    def complete(self, folder: Path) -> bool:
+        return folder.is_dir() and all(
+            (folder / f).exists() or _find_idx(folder, f) for f in self.files)
+
+
+_IDX_STEMS = tuple(stem for pair in IDX_FILES.values() for stem in pair)
+ARRAY_SOURCES = {
+    "fashion_mnist": ArraySource(_IDX_STEMS, DEBIAN_FASHION_MNIST, "FashionMNIST/raw", "FashionMNIST",
+                                 "install Debian's 'dataset-fashion-mnist', or set data.root to a folder with the four IDX files",
+                                 load_idx_dataset),
+    "mnist": ArraySource(_IDX_STEMS, None, "MNIST/raw", "MNIST",
+                         "set data.root to a folder with MNIST's four IDX files", load_idx_dataset),
+    "cifar10": ArraySource(tuple(CIFAR_BATCHES["train"] + CIFAR_BATCHES["test"]), None, "cifar-10-batches-py",
+                           "CIFAR10", "set data.root to the unpacked cifar-10-batches-py folder", load_cifar10),
+    "stl10": ArraySource(("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin"), None, "stl10_binary", "STL10",
+                         "set data.root to the unpacked stl10_binary folder", load_stl10),
+}
+
+
+def _download(source: str, spec: ArraySource, download_dir: Path) -> None:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, spec.torchvision)
+    if source == "stl10":
+        cls(str(download_dir), split="train", download=True)  # fetches the archive holding both splits
+    else:
+        for train in (True, False):
+            cls(str(download_dir), train=train, download=True)
+
+
+def locate(source: str, root: str | None, download: bool, download_dir: Path) -> Path:
+    """The folder holding `source`: data.root first, then Debian's package folder, then an earlier or new download."""
+    spec = ARRAY_SOURCES[source]
+    tried = []
+    for folder in [Path(root)] * bool(root) + [spec.debian] * bool(spec.debian) + [download_dir / spec.download_subdir]:
+        tried.append(str(folder))
+        if spec.complete(folder):
+            return folder
+    if download:
+        try:
+            _download(source, spec, download_dir)
+        except Exception as exc:  # network errors come in many types
+            tried.append(f"download ({exc.__class__.__name__}: {str(exc)[:80]})")
+        else:
+            return download_dir / spec.download_subdir
+    raise DataError(f"{source} not found; tried " + ", ".join(tried) + f". To get it: {spec.hint}, "
+                    "or set data.download: true with internet access")
