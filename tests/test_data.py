@@ -61,6 +61,8 @@ def test_load_validates_labels(tmp_path):
 def test_locate_prefers_configured_folder_and_names_all_tried(tmp_path, monkeypatch):
     folder = make_fashion_folder(tmp_path / "mine")
     assert locate("fashion_mnist", str(folder), download=False, download_dir=tmp_path / "dl") == folder
+    earlier_download = make_fashion_folder(tmp_path / "dl" / "MNIST" / "raw")  # no data.root: torchvision's layout
+    assert locate("mnist", None, download=False, download_dir=tmp_path / "dl") == earlier_download
     no_debian = dataclasses.replace(ARRAY_SOURCES["fashion_mnist"], debian=tmp_path / "no-debian")
     monkeypatch.setitem(sources.ARRAY_SOURCES, "fashion_mnist", no_debian)
     with pytest.raises(DataError) as info:

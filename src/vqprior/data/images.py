@@ -55,8 +55,11 @@ class SplitWriter:
     def __init__(self, path: str | Path, height: int, width: int, channels: int):
         self.path, self.shape = Path(path), (height, width, channels)
         self.schema = image_schema(height, width, channels)
+        # row groups of about 8 MB of pixels (8,192 Fashion-MNIST images, fewer large ones): the buffer and the Parquet
+        # encoder (which needs several times a group) bound the memory
+        self.group_rows = max(16, min(ROW_GROUP, (8 << 20) // (height * width * channels)))
         self.count, self.label_counts = 0, {}  # images added so far, written or buffered
-        self._sum, self._sumsq = np.zeros(channels), np.zeros(channels)
+        self._sum, self._sumsq = np.zeros(channels, np.uint64), np.zeros(channels, np.uint64)
         self._images, self._labels = [], []
 
     def __enter__(self) -> "SplitWriter":
@@ -71,7 +74,9 @@ class SplitWriter:
         self._images.append(image)
         self._labels.append(int(label))
         self.count += 1
-        if len(self._images) >= ROW_GROUP:
+        self._sum += image.sum(axis=(0, 1), dtype=np.uint64)  # exact integer sums; per image, so no big temporaries
+        self._sumsq += np.square(image, dtype=np.uint32).sum(axis=(0, 1), dtype=np.uint64)
+        if len(self._images) >= self.group_rows:
             self._flush()
 
     def add_batch(self, images: np.ndarray, labels: np.ndarray) -> None:
@@ -83,9 +88,6 @@ class SplitWriter:
             return
         images, labels = np.stack(self._images), np.asarray(self._labels, dtype=np.int64)
         n, size = len(images), int(np.prod(self.shape))
-        x = images.reshape(n, -1, self.shape[2]).astype(np.float64) / 255.0
-        self._sum += x.sum(axis=(0, 1))
-        self._sumsq += (x * x).sum(axis=(0, 1))
         for k, v in zip(*np.unique(labels, return_counts=True)):
             self.label_counts[int(k)] = self.label_counts.get(int(k), 0) + int(v)
         pixels = pa.FixedSizeListArray.from_arrays(pa.array(images.reshape(-1)), size)
@@ -96,8 +98,8 @@ class SplitWriter:
     def channel_stats(self) -> dict:
         """Per-channel mean and std of the written pixels, in [0, 1] units."""
         pixels = max(1, self.count * self.shape[0] * self.shape[1])
-        mean = self._sum / pixels
-        return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(self._sumsq / pixels - mean**2, 0)).tolist()}
+        mean = self._sum / (pixels * 255.0)
+        return {"mean": mean.tolist(), "std": np.sqrt(np.maximum(self._sumsq / (pixels * 255.0**2) - mean**2, 0)).tolist()}
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:

@@ -157,7 +157,8 @@ def locate(source: str, root: str | None, download: bool, download_dir: Path) ->
     """The folder holding `source`: data.root first, then Debian's package folder, then an earlier or new download."""
     spec = ARRAY_SOURCES[source]
     tried = []
-    for folder in [Path(root)] * bool(root) + [spec.debian] * bool(spec.debian) + [download_dir / spec.download_subdir]:
+    candidates = ([Path(root)] if root else []) + ([spec.debian] if spec.debian else []) + [download_dir / spec.download_subdir]
+    for folder in candidates:
         tried.append(str(folder))
         if spec.complete(folder):
             return folder
