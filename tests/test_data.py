@@ -75,11 +75,12 @@ def test_duplicates_dropped_within_and_across_splits(tmp_path):
     img = np.random.default_rng(0).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
     train = list(img) + list(img[:2])  # two copies inside train
     test = [img[3], img[4] + 1]  # a train image again, and a new one
-    jobs = [Job(f"train/{i}", i, "train") for i in range(7)] + [Job(f"test/{i}", i, "test") for i in range(2)]
+    jobs = [Job(f"train/{i}", i, "val" if i == 4 else "train") for i in range(7)] + [
+        Job(f"test/{i}", i, "test") for i in range(2)]
     report = CleanReport()
     writers = write_splits(jobs, ((x, None) for x in train + test), DecodeSpec(size=4, channels=1), tmp_path, report,
                            Deduplicator())
-    assert writers["train"].count == 5 and writers["test"].count == 1 and writers["val"].count == 0
+    assert writers["train"].count == 4 and writers["val"].count == 1 and writers["test"].count == 1
     assert report.dropped == {"duplicate": {"train": 2}, "duplicate_of_earlier_split": {"test": 1}}
     assert report.examples == {"duplicate": ["train/5", "train/6"], "duplicate_of_earlier_split": ["test/0"]}
     assert report.as_dict()["dropped_total"] == 3

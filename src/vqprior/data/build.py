@@ -95,7 +95,7 @@ def write_splits(jobs: list[Job], images: Iterable[tuple[np.ndarray | None, str 
                 report.drop(reason, job.split, examples=[job.name])
                 continue
             writers[job.split].add(pixels, job.label)
-        empty = [s for s in ("train", "test") if writers[s].count == 0]
+        empty = [s for s in SPLITS if writers[s].count == 0]
         if empty:
             raise DataError(f"no usable images left for the {' and '.join(empty)} split(s) after cleaning "
                             f"(dropped: {report.as_dict()['dropped']}); check data.root and the prepare params")
