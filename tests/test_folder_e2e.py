@@ -43,7 +43,7 @@ def test_smoke_dag_on_an_image_folder(tmp_path):
         dropped.pop("duplicate_of_earlier_split", 0) == 1 and dropped == {"zero_bytes": 1, "not_an_image": 1})
     sizes = report["split_sizes"]
     assert sum(sizes.values()) == 1200 and 200 < sizes["test"] < 280  # 20 % of the 1,203 files held out
-    assert set(report["class_balance"]["train"]) == set(range(10))
+    assert set(report["class_balance"]["train"]) == {str(i) for i in range(10)}  # JSON keys are strings
     stats = json.loads((repo / "data/prepared/stats.json").read_text())
     assert stats["image_shape"] == [28, 28, 1] and stats["classes"] == sorted(CLASSES)
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
