@@ -75,7 +75,7 @@ def main() -> None:
         rows.append(("prior train", precision, f"batch {pb}", pb * length / dt, "tokens/s"))
 
     prior = Prior(p.train_prior.model, vocab=vocab, length=length).eval()
-    n = 64
+    n = p.sample.batch_size  # the sample stage's batch
     for use_cache in (True, False):
         with autocast(precisions[-1]):
             dt = timed(lambda: sample_codes(prior, n, use_cache=use_cache), 1)
@@ -90,7 +90,7 @@ def main() -> None:
         for what, setting in (("VQ-VAE train", f"batch {vq_batch}"), ("prior train", f"batch {pb}")):
             print(f"bf16 / fp32, {what}: {speed[(what, 'bf16', setting)] / speed[(what, 'fp32', setting)]:.2f}x")
     last = precisions[-1]
-    print(f"KV cache / full recompute: "
+    print(f"KV cache / full recompute (batch {n}): "
           f"{speed[('prior sample', last, 'KV cache')] / speed[('prior sample', last, 'full recompute')]:.2f}x")
 
 

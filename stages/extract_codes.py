@@ -15,7 +15,7 @@ from tqdm import tqdm
 from stages._tracking import tracked_run
 from vqprior.codes import CodeWriter
 from vqprior.config import load_params
-from vqprior.data.images import file_sha256, iter_image_batches, load_stats, to_model_input
+from vqprior.data.images import file_sha256, iter_image_batches, load_stats
 from vqprior.io import write_json_atomic
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
@@ -42,7 +42,7 @@ def main() -> None:
                 tags = ["none", "hflip"] if p.extract_codes.hflip and split == "train" else ["none"]
                 with CodeWriter(OUT / f"{split}.parquet", split, {**meta, "augmentations": tags}) as writer:
                     for images, labels, index in iter_image_batches(PREPARED / f"{split}.parquet", p.extract_codes.batch_size):
-                        x = to_model_input(images).to(runtime.device)
+                        x = model.normalisation.to_model(images).to(runtime.device)
                         for tag in tags:
                             with torch.no_grad(), runtime.autocast():
                                 codes = model.encode(x.flip(-1) if tag == "hflip" else x)

@@ -13,7 +13,7 @@ from vqprior.config import Params, load_params
 from vqprior.data.build import Deduplicator, array_images, plan, write_splits
 from vqprior.data.clean import CleanReport
 from vqprior.data.folder import DecodeSpec, decode_files, scan_folder
-from vqprior.data.images import file_sha256, read_images
+from vqprior.data.images import Normalisation, file_sha256, read_images
 from vqprior.data.sources import ARRAY_SOURCES, DataError, locate
 from vqprior.io import write_json_atomic
 from vqprior.plots import save_grid
@@ -40,15 +40,15 @@ def main() -> None:
         report.split_sizes = {s: w.count for s, w in writers.items()}
         report.class_balance = {s: dict(sorted(w.label_counts.items())) for s, w in writers.items()}
         hashes = {s: file_sha256(OUT / f"{s}.parquet") for s in writers}
+        pixel_stats = writers["train"].channel_stats()
         stats = {
             "source": p.data.source,
             "source_folder": origin,
             "classes": classes,
             "image_shape": [spec.size, spec.size, spec.channels],  # H, W, C
             "counts": report.split_sizes,
-            "train_pixel_stats": writers["train"].channel_stats(),  # per channel, in [0, 1] units
-            # stored pixels are uint8; models see x / 127.5 - 1, so decoding is (y + 1) * 127.5
-            "normalisation": {"kind": "scale", "scale": 1 / 127.5, "shift": -1.0, "range": [-1.0, 1.0]},
+            "train_pixel_stats": pixel_stats,  # per channel, in [0, 1] units
+            "normalisation": Normalisation.from_train_stats(cfg.normalisation, pixel_stats).as_dict(),
             "sha256": hashes,
         }
         write_json_atomic(OUT / "stats.json", stats)

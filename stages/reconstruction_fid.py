@@ -13,7 +13,6 @@ import torch
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.data.images import to_model_input, to_uint8
 from vqprior.features import load_features, read_uint8_images, score
 from vqprior.io import write_json_atomic
 from vqprior.models.vqvae import load_vqvae
@@ -27,9 +26,9 @@ def reconstruct(model, images: torch.Tensor, runtime) -> torch.Tensor:
     """uint8 N x C x H x W -> the VQ-VAE's reconstructions, uint8 N x C x H x W."""
     out = []
     for start in range(0, len(images), BATCH):
-        x = to_model_input(images[start : start + BATCH].permute(0, 2, 3, 1)).to(runtime.device)
+        x = model.normalisation.to_model(images[start : start + BATCH].permute(0, 2, 3, 1)).to(runtime.device)
         with runtime.autocast():
-            out.append(to_uint8(model(x)[0].float().clamp(-1, 1)).cpu())
+            out.append(model.normalisation.to_uint8(model(x)[0]).cpu())
     return torch.cat(out)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.data.images import load_stats, read_images, to_model_input, to_uint8
+from vqprior.data.images import Normalisation, load_stats, read_images
 from vqprior.io import write_json_atomic
 from vqprior.models import save_model
 from vqprior.models.quantizer import codebook_stats
@@ -31,8 +31,8 @@ def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int, runtime) -> d
         xb = x[start : start + batch_size].to(runtime.device)
         with runtime.autocast():
             recon, codes, c = model(xb)
-        # [-1, 1] -> [0, 1] halves the error, so squared error is divided by 4
-        sq_err += ((recon.float().clamp(-1, 1) - xb) ** 2).sum().item() / 4
+        to_unit = model.normalisation.to_unit  # errors in [0, 1] pixel units, the decoded image clamped as saved
+        sq_err += ((to_unit(recon).clamp(0, 1) - to_unit(xb)) ** 2).sum().item()
         commit += c.item() * len(xb)
         counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
     mse = sq_err / x.numel()
@@ -44,7 +44,8 @@ def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int, runtime) -> d
 def reconstruction_grid(model: VQVAE, x: torch.Tensor, path: str, runtime) -> None:
     """Originals in odd rows, their reconstructions beneath them."""
     with torch.no_grad(), runtime.autocast():
-        recon = model(x.to(runtime.device))[0].float().clamp(-1, 1).cpu()
+        recon = model(x.to(runtime.device))[0].cpu()
+    to_uint8 = model.normalisation.to_uint8
     pairs = torch.stack([to_uint8(x).view(-1, 8, *x.shape[1:]), to_uint8(recon).view(-1, 8, *x.shape[1:])], dim=1)
     save_grid(pairs.reshape(-1, *x.shape[1:]), path, nrow=8)
 
@@ -55,10 +56,12 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)
     with tracked_run("train_vqvae", p) as run:
+        stats = load_stats(PREPARED)
+        norm = Normalisation.from_dict(stats["normalisation"])
         train, val, test = (read_images(PREPARED / f"{s}.parquet") for s in ("train", "val", "test"))
-        x_train, x_val, x_test = (to_model_input(s.images) for s in (train, val, test))
+        x_train, x_val, x_test = (norm.to_model(s.images) for s in (train, val, test))
         h, w, c = train.shape
-        model = VQVAE(cfg.model, in_channels=c).to(runtime.device)
+        model = VQVAE(cfg.model, in_channels=c, normalisation=norm).to(runtime.device)
         runtime.maybe_compile(model.encoder, model.decoder)  # the quantiser's data-dependent updates stay eager
         print(f"train_vqvae: {len(x_train)} images {h}x{w}x{c} -> {model.grid_size(h, w)} codes, "
               f"{sum(t.numel() for t in model.parameters()):,} params, {runtime.device} {runtime.precision}")
@@ -82,9 +85,9 @@ def main() -> None:
         result = fit(
             model, len(x_train), step, lambda: evaluate_vqvae(model, x_val, 1024, runtime), cfg.train, runtime,
             seed=p.seed, checkpoint=CHECKPOINT, monitor="mse", on_epoch=on_epoch, desc="train_vqvae",
-            fingerprint=fingerprint(p.seed, p.compute, cfg, load_stats(PREPARED)["sha256"]),
+            fingerprint=fingerprint(p.seed, p.compute, cfg, stats["sha256"]),
         )
-        save_model("models/vqvae.pt", model, in_channels=c, image_shape=[h, w, c])
+        save_model("models/vqvae.pt", model, in_channels=c, image_shape=[h, w, c], normalisation=norm.as_dict())
         test_metrics = evaluate_vqvae(model, x_test, 1024, runtime)
         metrics = {
             "test_mse": test_metrics["mse"], "test_psnr": test_metrics["psnr"],

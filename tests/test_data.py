@@ -12,7 +12,7 @@ from vqprior.data import sources
 from vqprior.data.build import Deduplicator, Job, write_splits
 from vqprior.data.clean import CleanReport
 from vqprior.data.folder import DecodeSpec
-from vqprior.data.images import iter_image_batches, read_images, to_model_input, to_uint8, write_images
+from vqprior.data.images import Normalisation, SplitWriter, iter_image_batches, read_images, write_images
 from vqprior.data.sources import ARRAY_SOURCES, DataError, load_cifar10, load_idx_dataset, load_stl10, locate, read_idx
 
 
@@ -102,9 +102,26 @@ def test_image_store_round_trip(tmp_path):
 
 def test_normalisation_inverts_exactly():
     images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
-    x = to_model_input(images)
+    x = Normalisation().to_model(images)
     assert x.shape == (1, 1, 16, 16) and x.min() == -1 and x.max() == 1
-    assert torch.equal(to_uint8(x), torch.from_numpy(images).permute(0, 3, 1, 2))
+    assert torch.equal(Normalisation().to_uint8(x), torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+def test_standardisation_uses_train_statistics_and_inverts(tmp_path):
+    rng = np.random.default_rng(0)
+    images = np.stack([rng.integers(0, 100, (50, 8, 8)), rng.integers(100, 256, (50, 8, 8)),
+                       rng.integers(0, 256, (50, 8, 8))], axis=-1).astype(np.uint8)
+    with SplitWriter(tmp_path / "t.parquet", 8, 8, 3) as writer:
+        writer.add_batch(images, np.zeros(50, dtype=np.int64))
+    stats = writer.channel_stats()
+    assert np.allclose(stats["mean"], images.reshape(-1, 3).mean(0) / 255) and np.allclose(stats["std"], images.reshape(-1, 3).std(0) / 255)
+    norm = Normalisation.from_dict(Normalisation.from_train_stats("standardize", stats).as_dict())  # via stats.json
+    x = norm.to_model(images)
+    assert torch.allclose(x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-4)
+    assert torch.allclose(x.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
+    assert torch.equal(norm.to_uint8(x), torch.from_numpy(images).permute(0, 3, 1, 2))
+    with pytest.raises(DataError, match="constant"):
+        Normalisation.from_train_stats("standardize", {"mean": [0.5], "std": [0.0]})
 
 
 def test_cifar10_batches_are_read_from_colour_planes(tmp_path):

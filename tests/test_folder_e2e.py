@@ -32,7 +32,7 @@ def test_smoke_dag_on_an_image_folder(tmp_path):
     write_folder(tmp_path / "images")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"].update(source="image_folder", root=str(tmp_path / "images"), image_size=28, channels=1)
-    params["prepare"].update(max_train=None, max_test=None, test_fraction=0.2)
+    params["prepare"].update(max_train=None, max_test=None, test_fraction=0.2, normalisation="standardize")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     proc = run([sys.executable, "-m", "dvc", "repro"], repo)
@@ -46,6 +46,12 @@ def test_smoke_dag_on_an_image_folder(tmp_path):
     assert set(report["class_balance"]["train"]) == {str(i) for i in range(10)}  # JSON keys are strings
     stats = json.loads((repo / "data/prepared/stats.json").read_text())
     assert stats["image_shape"] == [28, 28, 1] and stats["classes"] == sorted(CLASSES)
+    # standardisation with the train split's statistics, inverted wherever pixels come back out
+    norm, train_stats = stats["normalisation"], stats["train_pixel_stats"]
+    assert norm["kind"] == "standardize" and norm["mean"] == train_stats["mean"] and 0.2 < norm["std"][0] < 0.45
+    assert json.loads((repo / "metrics/train_vqvae.json").read_text())["test_mse"] < 0.03  # in [0, 1] pixel units
+    samples = np.load(repo / "data/samples/images.npy")
+    assert samples.dtype == np.uint8 and abs(samples.mean() / 255 - norm["mean"][0]) < 0.08
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert 0 < ev["fid"] < 400 and np.isfinite(ev["classifier_fid"])
     assert json.loads((repo / "metrics/train_classifier.json").read_text())["test_accuracy"] > 0.3

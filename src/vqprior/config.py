@@ -56,6 +56,8 @@ class PrepareParams(Section):
     min_size: int = Field(16, ge=1, description="files whose shorter side is below this many pixels are dropped")
     max_aspect: float = Field(4.0, ge=1, description="files whose long side / short side exceeds this are dropped")
     workers: int = Field(0, ge=0, description="processes decoding image files; 0: all cores")
+    normalisation: Literal["scale", "standardize"] = Field(
+        "scale", description="scale: pixels to [-1, 1]; standardize: per channel (x - mean) / std with train statistics")
 
 
 class TrainParams(Section):

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .data.images import to_uint8
 from .models.prior import Prior
 from .models.vqvae import VQVAE
 from .runtime import Runtime
@@ -100,5 +99,5 @@ def generate(prior: Prior, vqvae: VQVAE, grid: tuple[int, int], runtime: Runtime
     images = []
     for start in range(0, len(codes), batch_size):
         with runtime.autocast():
-            images.append(to_uint8(vqvae.decode(codes[start : start + batch_size].to(runtime.device))).cpu())
+            images.append(vqvae.normalisation.to_uint8(vqvae.decode(codes[start : start + batch_size].to(runtime.device))).cpu())
     return Generated(torch.cat(images), codes, labels, seconds)

@@ -1,7 +1,7 @@
 """The prepared image store (one Parquet file per split) and the pixel normalisation.
 
-Pixels are stored as uint8 (4x smaller than floats, exact); the normalisation to [-1, 1]
-is applied when batches are loaded, and `stats.json` records it so decoding can invert it.
+Pixels are stored as uint8 (4x smaller than floats, exact); the normalisation (to [-1, 1], or per-channel
+standardisation) is applied when batches are loaded, and `stats.json` records it so decoding can invert it.
 """
 from __future__ import annotations
 
@@ -19,6 +19,13 @@ import torch
 from ..io import atomic_path
 
 ROW_GROUP = 8192
+
+
+class DataError(SystemExit):
+    """Bad or missing data: stops the stage with one line saying what is wrong and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
 
 
 @dataclass
@@ -143,21 +150,52 @@ def read_images(path: str | Path, limit: int | None = None) -> ImageSplit:
                       table.column("index").to_numpy())
 
 
-def to_model_input(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 N x H x W x C -> float N x C x H x W in [-1, 1]."""
-    if isinstance(images, np.ndarray):
-        images = torch.from_numpy(np.require(images, requirements="W"))  # Parquet buffers are read-only
-    return images.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+@dataclass(frozen=True)
+class Normalisation:
+    """uint8 pixels <-> model inputs: y = (pixel / 255 - mean) / std per channel.
 
+    The default (mean 0.5, std 0.5) scales to [-1, 1]; `standardize` uses the train split's per-channel
+    statistics. stats.json and the VQ-VAE checkpoint both carry it, so every decoding inverts the same map."""
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float N x C x H x W in [-1, 1] -> uint8 N x C x H x W (the layout torch-fidelity expects)."""
-    return x.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+    kind: str = "scale"
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
 
+    @classmethod
+    def from_train_stats(cls, kind: str, pixel_stats: dict) -> "Normalisation":
+        if kind == "scale":
+            return cls()
+        if min(pixel_stats["std"]) < 1e-3:
+            raise DataError(f"a train channel is constant (std {pixel_stats['std']}); standardisation would divide "
+                             "by ~0: set prepare.normalisation: scale")
+        return cls("standardize", tuple(pixel_stats["mean"]), tuple(pixel_stats["std"]))
 
-def channel_stats(images: np.ndarray) -> dict:
-    x = images.astype(np.float64) / 255.0
-    return {"mean": x.mean(axis=(0, 1, 2)).tolist(), "std": x.std(axis=(0, 1, 2)).tolist()}
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Normalisation":
+        return cls() if d is None else cls(d["kind"], tuple(d["mean"]), tuple(d["std"]))
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "mean": list(self.mean), "std": list(self.std),
+                "formula": "model input = (pixel / 255 - mean) / std, per channel"}
+
+    def _view(self, values: tuple[float, ...], x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
+
+    def to_model(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 N x H x W x C -> float N x C x H x W."""
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.require(images, requirements="W"))  # Parquet buffers are read-only
+        x = images.permute(0, 3, 1, 2).float().div(255.0)
+        return (x - self._view(self.mean, x)) / self._view(self.std, x)
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> pixels in [0, 1] units (not clamped: errors are measured here)."""
+        x = x.float()
+        return x * self._view(self.std, x) + self._view(self.mean, x)
+
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> uint8 N x C x H x W (the layout torch-fidelity expects)."""
+        return self.to_unit(x).mul(255.0).round().clamp(0, 255).to(torch.uint8)
 
 
 def file_sha256(path: str | Path) -> str:

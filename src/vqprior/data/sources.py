@@ -11,17 +11,14 @@ from typing import Callable
 
 import numpy as np
 
+from .images import DataError  # re-exported: sources are where most data errors arise
+
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32, 0x0E: np.float64}
-
-
-class DataError(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 @dataclass

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import VQVAEModelParams
+from ..data.images import Normalisation
 from . import read_checkpoint
 from .quantizer import EMAQuantizer
 
@@ -23,9 +24,10 @@ class ResBlock(nn.Module):
 
 
 class VQVAE(nn.Module):
-    def __init__(self, p: VQVAEModelParams, in_channels: int = 1):
+    def __init__(self, p: VQVAEModelParams, in_channels: int = 1, normalisation: Normalisation = Normalisation()):
         super().__init__()
         self.config = p
+        self.normalisation = normalisation  # how pixels became inputs; decoding to pixels inverts it
         c = p.channels
         widths = [max(c // 2 ** (p.downsamples - 1 - i), 16) for i in range(p.downsamples)]  # e.g. 32, 64
         enc, prev = [], in_channels
@@ -61,19 +63,21 @@ class VQVAE(nn.Module):
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.quantizer.lookup(codes)).clamp(-1, 1)
+        return self.decoder(self.quantizer.lookup(codes))
 
     def loss(self, x: torch.Tensor):
         recon, codes, commit = self(x)
         recon = recon.float()
-        mse = F.mse_loss(recon, x)
-        rec = mse if self.config.recon_loss == "mse" else F.l1_loss(recon, x)
-        # mse is reported in [0, 1] pixel units: [-1, 1] -> [0, 1] divides squared error by 4
-        return rec + commit, {"recon_loss": rec.detach(), "commit_loss": commit.detach(), "mse": mse.detach() / 4}, codes
+        rec = F.mse_loss(recon, x) if self.config.recon_loss == "mse" else F.l1_loss(recon, x)
+        with torch.no_grad():  # reported in [0, 1] pixel units, whatever the normalisation
+            to_unit = self.normalisation.to_unit
+            mse = F.mse_loss(to_unit(recon), to_unit(x))
+        return rec + commit, {"recon_loss": rec.detach(), "commit_loss": commit.detach(), "mse": mse}, codes
 
 
 def load_vqvae(path, device: torch.device | str = "cpu") -> tuple[VQVAE, dict]:
     state = read_checkpoint(path, "train_vqvae")
-    model = VQVAE(VQVAEModelParams(**state["config"]), in_channels=state["in_channels"])
+    model = VQVAE(VQVAEModelParams(**state["config"]), in_channels=state["in_channels"],
+                  normalisation=Normalisation.from_dict(state.get("normalisation")))
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), state
