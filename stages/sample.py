@@ -8,32 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.io import atomic_path, write_json_atomic
+from vqprior.io import save_npy, write_json_atomic
 from vqprior.models.prior import load_prior
 from vqprior.models.vqvae import load_vqvae
-from vqprior.plots import save_grid
+from vqprior.plots import save_sample_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import generate
 
 OUT = Path("data/samples")
-
-
-def save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.save(f, array)
-
-
-def save_sample_grid(images: torch.Tensor, classes: int, path: str | Path) -> None:
-    """A PNG of the first samples: one row per class when the prior is conditional (sample i has class i % classes)."""
-    if classes and len(images) >= classes:
-        per = min(8, len(images) // classes)  # the first per * classes samples regroup exactly into rows
-        save_grid(images[: per * classes].unflatten(0, (per, classes)).transpose(0, 1).flatten(0, 1), path, nrow=per)
-    else:
-        save_grid(images[:64], path, nrow=8)
 
 
 def main() -> None:

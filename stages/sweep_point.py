@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from stages._tracking import tracked_run
-from stages.sample import save_npy, save_sample_grid
 from vqprior.config import load_params
 from vqprior.features import score_samples
-from vqprior.io import write_json_atomic
+from vqprior.io import save_npy, write_json_atomic
 from vqprior.models.prior import load_prior
 from vqprior.models.vqvae import load_vqvae
+from vqprior.plots import save_sample_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import generate
 

@@ -28,6 +28,16 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | N
         image.save(tmp, format="PNG")
 
 
+
+def save_sample_grid(images: torch.Tensor, classes: int, path: str | Path) -> None:
+    """A PNG of the first samples: one row per class when the prior is conditional (sample i has class i % classes)."""
+    if classes and len(images) >= classes:
+        per = min(8, len(images) // classes)  # the first per * classes samples regroup exactly into rows
+        save_grid(images[: per * classes].unflatten(0, (per, classes)).transpose(0, 1).flatten(0, 1), path, nrow=per)
+    else:
+        save_grid(images[:64], path, nrow=8)
+
+
 def write_csv(path: str | Path, rows: list[dict]) -> None:
     """Rows of scalars -> CSV (columns in first-seen order; floats to 6 significant digits)."""
     keys = list(dict.fromkeys(k for row in rows for k in row))

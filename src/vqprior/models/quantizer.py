@@ -5,6 +5,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+CHUNK = 4096  # rows of distances at a time: 4096 x 512 codes stays in cache
+
+
+@torch.no_grad()
+def nearest_centre(flat: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index of the closest centre for each row of `flat`, in fp32 (bf16 distances pick wrong codes near ties) and in
+    chunks (a fused addmm + argmin per chunk runs ~6x faster on CPU than the whole distance matrix at once)."""
+    flat, centres = flat.float(), centres.float()
+    sq_norms = centres.pow(2).sum(1)
+    out = torch.empty(len(flat), dtype=torch.long, device=flat.device)
+    with torch.autocast(flat.device.type, enabled=False):
+        for start in range(0, len(flat), CHUNK):
+            # |x - e|^2 = |x|^2 - 2 x.e + |e|^2; |x|^2 is the same for every centre, so it is left out
+            scores = torch.addmm(sq_norms, flat[start : start + CHUNK], centres.t(), alpha=-2)
+            out[start : start + CHUNK] = scores.argmin(1)
+    return out
+
 
 class EMAQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, commitment: float = 0.25,
@@ -20,11 +37,6 @@ class EMAQuantizer(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         self.restarts = 0  # dead-code restarts since the counter was last read
 
-    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
-        # |x - e|^2 = |x|^2 - 2 x.e + |e|^2; |x|^2 is the same for every code, so it is left out
-        scores = flat @ self.codebook.t() * -2 + self.codebook.pow(2).sum(1)
-        return scores.argmin(dim=1)
-
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.l2_normalize else x
 
@@ -33,7 +45,7 @@ class EMAQuantizer(nn.Module):
         """k-means on the first batch's encoder outputs, so every code starts where the data is."""
         centres = flat[torch.randint(len(flat), (self.codebook_size,), device=flat.device)]
         for _ in range(self.kmeans_iters):
-            assign = (flat @ centres.t() * -2 + centres.pow(2).sum(1)).argmin(1)
+            assign = nearest_centre(flat, centres)
             counts = torch.bincount(assign, minlength=self.codebook_size)
             sums = torch.zeros_like(centres).index_add_(0, assign, flat)
             # an empty cluster keeps its old centre
@@ -72,7 +84,7 @@ class EMAQuantizer(nn.Module):
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
         if self.training and not bool(self.initialised):
             self._init_from(flat.detach())
-        codes = self.nearest(flat.detach())
+        codes = nearest_centre(flat.detach(), self.codebook)
         if self.training:
             self._ema_update(flat.detach(), codes)
         quantised = self.codebook[codes].view(n, h, w, d).permute(0, 3, 1, 2)
