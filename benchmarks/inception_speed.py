@@ -20,7 +20,7 @@ from vqprior.features import read_uint8_images
 from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
 PATHS = {  # name: extractor kwargs
     "plain fp32 (torch-fidelity: contiguous, fp32)": dict(inception_channels_last=False, inception_bf16=False),
-    "channels-last fp32 (default)": dict(inception_channels_last=True, inception_bf16=False),
+    "channels-last fp32": dict(inception_channels_last=True, inception_bf16=False),
     "channels-last bf16 weights": dict(inception_channels_last=True, inception_bf16=True),
 }
 

@@ -67,10 +67,11 @@ def inception_weights_path(path: str | Path | None = None) -> Path:
     return path
 
 
-def _to_rgb(x: torch.Tensor) -> torch.Tensor:
+def _float_images(x: torch.Tensor) -> torch.Tensor:
+    """float32 copy of uint8 N x C x H x W images (C = 1 or 3), still 0..255; callers repeat grey to RGB."""
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"expected uint8 N x C x H x W images with C = 1 or 3, got {x.dtype} {tuple(x.shape)}")
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return x.to(torch.float32)
 
 
 class _Extractor(FeatureExtractorBase):
@@ -111,19 +112,34 @@ class InceptionTF(_Extractor):
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of torch.export
             self.net = torch.jit.load(str(path), map_location="cpu")
         # The script expects float N x 3 x 299 x 299 in [-1, 1) and does no resizing; its batch norms are fixed
-        # (training=False in the graph), so eval() only tidies flags. Channels-last (the default) is the fastest
-        # path on CPU at equal features (benchmarks/inception_speed.py: plain fp32 vs channels-last, FID of both).
-        # bf16 weights are an option for measurements only: see the benchmark for what they do to FID.
+        # (training=False in the graph), so eval() only tidies flags. Plain (contiguous) fp32 runs the script as it
+        # is. The channels-last paths (the default) run it frozen, without its `.contiguous()` calls: those turn
+        # every block's output back to NCHW, where CPU pooling is ~10x slower than channels-last. Same features;
+        # with bf16 weights ~2x plain fp32's images/s (benchmarks/inception_speed.py, with what bf16 does to FID).
         self.memory_format = torch.channels_last if inception_channels_last else torch.contiguous_format
         self.dtype = torch.bfloat16 if inception_bf16 else torch.float32
         self.net = self.net.to(memory_format=self.memory_format).to(self.dtype)
+        self.frozen = not inception_channels_last
         self.requires_grad_(False)
         self.eval()
 
+    def _freeze_channels_last(self):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # deprecated like torch.jit.load
+            self.net = torch.jit.freeze(self.net)
+        for node in self.net.graph.findAllNodes("aten::contiguous"):
+            node.output().replaceAllUsesWith(node.inputsAt(0))
+            node.destroy()
+        self.frozen = True
+
     def forward(self, x):
-        x = _to_rgb(x).to(torch.float32)
-        x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(self.SIZE, self.SIZE), align_corners=False)
-        x = ((x - 128) / 128).to(self.dtype).contiguous(memory_format=self.memory_format)
+        if not self.frozen:  # on first use: torch-fidelity moves the module to its device after construction
+            self._freeze_channels_last()
+        # Scaling before resizing is exact (bilinear weights sum to 1) and touches 28x28 pixels, not 299x299;
+        # a grey image is resized once and only then repeated over the 3 channels.
+        x = interpolate_bilinear_2d_like_tensorflow1x((_float_images(x) - 128) / 128, size=(self.SIZE, self.SIZE),
+                                                      align_corners=False)
+        x = x.to(self.dtype).expand(-1, 3, -1, -1).contiguous(memory_format=self.memory_format)
         return (self.net(x).to(torch.float32),)
 
 
@@ -150,7 +166,7 @@ class TinyRandomConv(_Extractor):
         self.eval()
 
     def forward(self, x):
-        x = _to_rgb(x).to(torch.float32)
+        x = _float_images(x).expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
         x = (x - 128) / 128
         x = F.relu(self.conv2(F.relu(self.conv1(x))))
