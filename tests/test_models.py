@@ -6,10 +6,10 @@ import torch
 
 from vqprior.config import PriorModelParams, VQVAEModelParams
 from vqprior.models import save_model
-from vqprior.models.prior import Prior, load_prior
+from vqprior.models.prior import KVCache, Prior, load_prior
 from vqprior.models.quantizer import EMAQuantizer, codebook_stats
 from vqprior.models.vqvae import VQVAE, load_vqvae
-from vqprior.sampling import filter_logits, sample_codes
+from vqprior.sampling import draw, filter_logits, sample_codes
 
 SMALL_VQ = VQVAEModelParams(channels=16, res_blocks=1, downsamples=2, codebook_size=16, code_dim=8)
 SMALL_PRIOR = PriorModelParams(d_model=32, n_layers=2, n_heads=2, dropout=0.0)
@@ -158,9 +158,9 @@ def test_attention_dropout_masks_while_training_only():
     assert not torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, expected, atol=1e-4)
     assert torch.allclose(a[:, 0], expected[:, 0], atol=1e-6)  # the first query sees only itself: nothing to mask
     # one token at a time with the KV cache: no mask, even in training mode
-    past, steps = None, []
+    cache, steps = KVCache(10), []
     for t in range(10):
-        logits, past = prior(inputs[:, t : t + 1], past)
+        logits, _ = prior(inputs[:, t : t + 1], cache)
         steps.append(logits)
     assert torch.allclose(torch.cat(steps, 1), expected, atol=1e-5)
     prior.eval()
@@ -271,6 +271,16 @@ def test_top_p_keeps_the_smallest_set_with_enough_mass():
     shuffled = torch.tensor([[0.1, 0.5, 0.04, 0.3, 0.06]]).log()
     assert torch.isfinite(filter_logits(shuffled, top_p=0.75)).tolist() == [[False, True, False, True, False]]
     assert torch.isfinite(filter_logits(shuffled, top_k=3)).sum() == 3
+
+
+def test_draw_follows_the_probabilities_and_skips_zero_ones():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0]).expand(20000, -1)
+    tokens = draw(probs, torch.Generator().manual_seed(0)).squeeze(1)
+    freq = torch.bincount(tokens, minlength=6).float() / len(tokens)
+    assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens, also the last one, never come up
+    assert torch.allclose(freq[[1, 3, 4]], torch.tensor([0.5, 0.3, 0.2]), atol=0.015)  # ~4 standard errors
+    one_hot = torch.eye(6)[[5, 0, 3]]
+    assert draw(one_hot).squeeze(1).tolist() == [5, 0, 3]
 
 
 def test_temperature_sharpens():

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .models.prior import Prior
+from .models.prior import KVCache, Prior
 from .models.vqvae import VQVAE
 from .runtime import Runtime
 
@@ -25,6 +25,19 @@ def filter_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
         drop = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of B x V probabilities (B x 1), by inverting the CDF with one uniform number per row.
+
+    torch.multinomial draws an exponential number per token: 10 % of the sampling time at 512 codes.
+    """
+    cdf = probs.cumsum(-1)
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # the first token whose CDF exceeds u skips zero-probability tokens; should rounding put u at the total mass,
+    # the last token with probability > 0 is taken
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1, keepdim=True)
+    return torch.minimum(torch.searchsorted(cdf, u, right=True), last)
 
 
 @torch.no_grad()
@@ -47,18 +60,17 @@ def sample_codes(prior: Prior, n: int, *, temperature: float = 1.0, top_k: int =
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, prior.null_class)])
     seq = torch.full((2 * n if guided else n, 1), prior.vocab, dtype=torch.long, device=device)  # START
-    past = None
+    cache = KVCache(prior.length)
     for _ in range(prior.length):
         if use_cache:
-            logits, past = prior(seq[:, -1:], past, labels=labels)
+            logits, _ = prior(seq[:, -1:], cache, labels=labels)
         else:
             logits, _ = prior(seq, labels=labels)
         logits = logits[:, -1].float()
         if guided:
             cond, uncond = logits.chunk(2)
             logits = uncond + guidance * (cond - uncond)
-        probs = filter_logits(logits, temperature, top_k, top_p).softmax(-1)
-        nxt = torch.multinomial(probs, 1, generator=generator)
+        nxt = draw(filter_logits(logits, temperature, top_k, top_p).softmax(-1), generator)
         seq = torch.cat([seq, nxt.repeat(2, 1) if guided else nxt], dim=1)  # both halves continue the same codes
     return seq[:n, 1:]
 

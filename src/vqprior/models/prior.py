@@ -16,13 +16,37 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..config import PriorModelParams
 from . import read_checkpoint
 
-KVCache = list  # one (keys, values) pair per layer, each B x heads x T x head_dim
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far, B x heads x T x head_dim each.
+
+    The buffers are allocated once for the whole sequence (`capacity` positions): appending by concatenation would
+    copy the whole cache at every sampling step, which cost a quarter of the sampling time.
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys and values after the cached ones; return all of them (views of the buffers)."""
+        end = self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions, {end} were given")
+        if layer == len(self.keys):  # the first step allocates this layer's buffers
+            shape = (*k.shape[:2], self.capacity, k.shape[3])
+            self.keys.append(k.new_empty(shape))
+            self.values.append(v.new_empty(shape))
+        self.keys[layer][:, :, self.length : end] = k
+        self.values[layer][:, :, self.length : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
 def attention_kernel(x: torch.Tensor):
     """bf16 training on CPU uses the plain (math) attention kernel: at these short sequences the fused CPU kernel's
     backward costs ~10x its forward, and the math kernel trains ~1.3x faster (benchmarks/train_speed.py).
-    Everywhere else (fp32, inference, GPUs) torch picks its fused kernels."""
+    Everywhere else (fp32, full-sequence inference, GPUs) torch picks its fused kernels."""
     if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
@@ -35,23 +59,29 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
-    def forward(self, x, past=None):
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        # with a cache the new query is the last position and may see every key: no mask needed
-        causal, mask = past is None and t > 1, None
-        if self.training and self.attn_dropout > 0 and past is None:
+        start = 0 if cache is None else cache.length
+        if start > 0 and t > 1:
+            raise ValueError("after the first step the KV cache takes one new position at a time")
+        if cache is not None:
+            k, v = cache.append(layer, k, v)
+        # with cached positions the new query is the last position and may see every key: no mask needed
+        causal, mask = start == 0 and t > 1, None
+        if self.training and self.attn_dropout > 0 and start == 0:
             # attention dropout: hide random earlier positions from each query (softmax renormalises over the rest);
             # a query always keeps its own position, so no row is fully masked
             eye = torch.eye(t, dtype=torch.bool, device=x.device)
             keep = (torch.rand(b, self.heads, t, t, device=x.device) >= self.attn_dropout) | eye
             causal, mask = False, keep & torch.ones_like(eye).tril()
-        with attention_kernel(x):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d)), (k, v)
+        if start > 0:  # one query per row (cached sampling): two small products beat the fused CPU kernel 2x
+            y = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1).to(v.dtype) @ v
+        else:
+            with attention_kernel(x):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                   dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
@@ -62,10 +92,9 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, past=None):
-        a, present = self.attn(self.ln1(x), past)
-        x = x + self.drop(a)
-        return x + self.mlp(self.ln2(x)), present
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0):
+        x = x + self.drop(self.attn(self.ln1(x), cache, layer))
+        return x + self.mlp(self.ln2(x))
 
 
 class Prior(nn.Module):
@@ -100,14 +129,16 @@ class Prior(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def forward(self, tokens: torch.Tensor, past: KVCache | None = None, labels: torch.Tensor | None = None):
-        """tokens B x T (START first when past is None) -> logits B x T x vocab, new cache.
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, labels: torch.Tensor | None = None):
+        """tokens B x T (START first at the sequence's start) -> logits B x T x vocab, and the cache.
 
-        `labels` (B, -1 = unknown) pick a conditional prior's class token; None or -1 is the null class.
+        With a `KVCache` the tokens continue the cached positions (all at once on an empty cache, then one at a
+        time) and their keys and values are added to it. `labels` (B, -1 = unknown) pick a conditional prior's class
+        token; None or -1 is the null class.
         """
         if labels is not None and self.cls is None:
             raise ValueError("labels given to an unconditional prior (num_classes 0)")
-        start = 0 if past is None else past[0][0].shape[2]
+        start = 0 if cache is None else cache.length
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.tok(tokens)
         if self.cls is not None and start == 0:
@@ -116,11 +147,11 @@ class Prior(nn.Module):
             cls = self.cls(torch.where(labels < 0, self.null_class, labels.long()))
             x = torch.cat([cls.unsqueeze(1), x[:, 1:]], dim=1)  # the class token takes START's place
         x = self.drop(x + self.pos(pos))
-        presents = []
         for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past is None else past[i])
-            presents.append(kv)
-        return self.head(self.ln(x)), presents
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.head(self.ln(x)), cache
 
     def with_start(self, codes: torch.Tensor) -> torch.Tensor:
         """codes B x L -> inputs B x L ([START, c_0 .. c_{L-2}])."""
