@@ -27,11 +27,11 @@ def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int, runtime) -> d
     model.eval()
     sq_err, counts = 0.0, torch.zeros(model.config.codebook_size, dtype=torch.long)
     commit = 0.0
+    to_unit = model.normalisation.to_unit  # errors in [0, 1] pixel units, the decoded image clamped as saved
     for start in range(0, len(x), batch_size):
         xb = x[start : start + batch_size].to(runtime.device)
         with runtime.autocast():
             recon, codes, c = model(xb)
-        to_unit = model.normalisation.to_unit  # errors in [0, 1] pixel units, the decoded image clamped as saved
         sq_err += ((to_unit(recon).clamp(0, 1) - to_unit(xb)) ** 2).sum().item()
         commit += c.item() * len(xb)
         counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))

@@ -28,7 +28,6 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | N
         image.save(tmp, format="PNG")
 
 
-
 def save_sample_grid(images: torch.Tensor, classes: int, path: str | Path) -> None:
     """A PNG of the first samples: one row per class when the prior is conditional (sample i has class i % classes)."""
     if classes and len(images) >= classes:

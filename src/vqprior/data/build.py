@@ -15,8 +15,7 @@ from PIL import Image
 
 from .clean import DUPLICATE, DUPLICATE_OF_EARLIER_SPLIT, NEAR_DUPLICATE, CleanReport, NearDuplicateIndex, dhash, pixel_hash
 from .folder import DecodeSpec, _resize_crop, _to_mode
-from .images import SplitWriter
-from .sources import DataError
+from .images import DataError, SplitWriter
 
 SPLITS = ("train", "val", "test")
 
