@@ -60,7 +60,7 @@ def sample_codes(prior: Prior, n: int, *, temperature: float = 1.0, top_k: int =
         if guided:
             labels = torch.cat([labels, torch.full_like(labels, prior.null_class)])
     seq = torch.full((2 * n if guided else n, 1), prior.vocab, dtype=torch.long, device=device)  # START
-    cache = KVCache(prior.length)
+    cache = KVCache(prior.length) if use_cache else None
     for _ in range(prior.length):
         if use_cache:
             logits, _ = prior(seq[:, -1:], cache, labels=labels)
