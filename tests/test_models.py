@@ -6,7 +6,7 @@ import torch
 
 from vqprior.config import PriorModelParams, VQVAEModelParams
 from vqprior.models import save_model
-from vqprior.models.prior import KVCache, Prior, load_prior
+from vqprior.models.prior import KVCache, Prior, attention, load_prior
 from vqprior.models.quantizer import EMAQuantizer, codebook_stats
 from vqprior.models.vqvae import VQVAE, load_vqvae
 from vqprior.sampling import draw, filter_logits, sample_codes
@@ -165,6 +165,23 @@ def test_attention_dropout_masks_while_training_only():
     assert torch.allclose(torch.cat(steps, 1), expected, atol=1e-5)
     prior.eval()
     assert torch.allclose(prior(inputs)[0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["causal", "keep"])
+def test_spelled_out_bf16_training_attention_matches_torchs_kernel(mask):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 8).bfloat16().float().requires_grad_() for _ in range(3))
+    keep = (torch.rand(2, 3, 7, 7) > 0.5) | torch.eye(7, dtype=torch.bool)
+    causal, keep = (True, None) if mask == "causal" else (False, keep)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 training on CPU takes the spelled-out path
+        out = attention(q, k, v, causal, keep)
+    (grad,) = torch.autograd.grad(out.float().sum(), q)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=0.03) and torch.allclose(grad, grad_expected, atol=0.05)
+    if causal:  # the first query sees only the first key
+        assert torch.allclose(out[:, :, 0].float(), v[:, :, 0], atol=0.02)
 
 
 COND_PRIOR = SMALL_PRIOR.model_copy(update={"num_classes": 3, "label_dropout": 0.0})

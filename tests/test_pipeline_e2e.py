@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 
 from conftest import run
 
-# profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [0, 20] x top_p [1.0]
-POINTS = ["sweep_point@1.0-0-1.0", "sweep_point@1.0-20-1.0"]
+# profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [0, 20] x top_p [1.0] x guidance [1.0]
+POINTS = ["sweep_point@1.0-0-1.0-1.0", "sweep_point@1.0-20-1.0-1.0"]
 STAGES = ["prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
           "evaluate", *POINTS, "sweep"]
 
@@ -63,13 +63,14 @@ def test_smoke_dag_end_to_end(smoke_repo):
     # draws the very same samples as `sample` (same seed), so it scores exactly what `evaluate` scored
     sweep = json.loads((smoke_repo / "metrics/sweep.json").read_text())
     points = sweep["points"]
-    assert [(q["temperature"], q["top_k"], q["top_p"]) for q in points] == [(1.0, 0, 1.0), (1.0, 20, 1.0)]
+    assert [(q["temperature"], q["top_k"], q["top_p"], q["guidance"]) for q in points] == [(1.0, 0, 1.0, 1.0),
+                                                                                          (1.0, 20, 1.0, 1.0)]
     assert all(q["num_samples"] == 200 and 0 < q["fid"] < 400 and 0 <= q["recall"] <= 1 for q in points)
     assert sweep["best"] == min(range(2), key=lambda i: points[i]["fid"]) and sweep["best_point"] == points[sweep["best"]]
     assert points[0]["fid"] == ev["fid"] and points[0]["precision"] == ev["precision"]
     assert points[1]["fid"] != points[0]["fid"]  # top-k 20 of 64 codes changes the samples
-    assert np.array_equal(np.load(smoke_repo / "data/sweep/t1.0-k0-p1.0/images.npy"), images)
-    assert (smoke_repo / "plots/sweep.csv").read_text().splitlines()[0].startswith("temperature,top_k,top_p,fid")
+    assert np.array_equal(np.load(smoke_repo / "data/sweep/t1.0-k0-p1.0-g1.0/images.npy"), images)
+    assert (smoke_repo / "plots/sweep.csv").read_text().splitlines()[0].startswith("temperature,top_k,top_p,guidance,fid")
     assert (smoke_repo / "reports/sweep.png").stat().st_size > 1000
 
     # one MLflow run per stage (per sweep point too), with params and metrics
@@ -91,14 +92,17 @@ def test_smoke_dag_end_to_end(smoke_repo):
     shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], smoke_repo)
     assert shown.returncode == 0 and "fid" in shown.stdout
 
-    # DVC caches each sweep point: a grid with one more top_p value runs only the new points and the table
+    # DVC caches each sweep point: a grid with one more guidance scale runs only the new points and the table
     params = smoke_repo / "params.yaml"
-    params.write_text(params.read_text().replace("top_p: [1.0]", "top_p: [1.0, 0.9]"))
+    params.write_text(params.read_text().replace("guidance: [1.0]", "guidance: [1.0, 3.0]"))
     third = run([sys.executable, "-m", "dvc", "repro", "sweep"], smoke_repo)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran == ["sweep", "sweep_point@1.0-0-0.9", "sweep_point@1.0-20-0.9"]
-    assert len(json.loads((smoke_repo / "metrics/sweep.json").read_text())["points"]) == 4
+    assert ran == ["sweep", "sweep_point@1.0-0-1.0-3.0", "sweep_point@1.0-20-1.0-3.0"]
+    points = json.loads((smoke_repo / "metrics/sweep.json").read_text())["points"]
+    assert [q["guidance"] for q in points] == [1.0, 3.0, 1.0, 3.0]
+    guided = np.load(smoke_repo / "data/sweep/t1.0-k0-p1.0-g3.0/images.npy")
+    assert guided.shape == images.shape and not np.array_equal(guided, images)  # guidance changes the samples
 
 
 def test_dvc_experiment_with_a_set_param(smoke_repo):

@@ -7,28 +7,28 @@ from stages.sweep import grid, read_points
 from vqprior.config import ParamsError, SweepParams, parse_params
 
 
-def _write_point(folder, t, k, p, fid):
-    path = folder / f"t{t}-k{k}-p{p}" / "scores.json"
+def _write_point(folder, t, k, p, fid, g=1.0):
+    path = folder / f"t{t}-k{k}-p{p}-g{g}" / "scores.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"temperature": t, "top_k": k, "top_p": p, "fid": fid, "precision": 0.5,
+    path.write_text(json.dumps({"temperature": t, "top_k": k, "top_p": p, "guidance": g, "fid": fid, "precision": 0.5,
                                 "recall": 0.4, "num_samples": 10, "protocol": "not a column"}))
 
 
 def test_read_points_follows_the_grid_and_ignores_stale_points(tmp_path):
-    cfg = SweepParams(temperature=[1.0, 0.8], top_k=[0], top_p=[1.0, 0.9])
-    assert grid(cfg) == [(1.0, 0, 1.0), (1.0, 0, 0.9), (0.8, 0, 1.0), (0.8, 0, 0.9)]
-    for i, (t, k, p) in enumerate(grid(cfg)):
-        _write_point(tmp_path, t, k, p, fid=30.0 - i)
+    cfg = SweepParams(temperature=[1.0, 0.8], top_k=[0], top_p=[1.0, 0.9], guidance=[1.0, 2.0])
+    assert grid(cfg)[:3] == [(1.0, 0, 1.0, 1.0), (1.0, 0, 1.0, 2.0), (1.0, 0, 0.9, 1.0)] and len(grid(cfg)) == 8
+    for i, (t, k, p, g) in enumerate(grid(cfg)):
+        _write_point(tmp_path, t, k, p, fid=30.0 - i, g=g)
     _write_point(tmp_path, 1.5, 0, 1.0, fid=1.0)  # a point since removed from the grid
     points = read_points(cfg, tmp_path)
-    assert [(q["temperature"], q["top_p"], q["fid"]) for q in points] == [(1.0, 1.0, 30.0), (1.0, 0.9, 29.0),
-                                                                          (0.8, 1.0, 28.0), (0.8, 0.9, 27.0)]
+    assert [(q["temperature"], q["top_p"], q["guidance"], q["fid"]) for q in points] == [
+        (t, p, g, 30.0 - i) for i, (t, _, p, g) in enumerate(grid(cfg))]
     assert "protocol" not in points[0] and points[0]["kid"] is None  # the table's columns only
 
 
 def test_a_missing_point_is_named(tmp_path):
     _write_point(tmp_path, 1.0, 0, 1.0, fid=30.0)
-    with pytest.raises(SystemExit, match=r"\(1\.0, 50, 1\.0\).*dvc repro sweep"):
+    with pytest.raises(SystemExit, match=r"\(1\.0, 50, 1\.0, 1\.0\).*dvc repro sweep"):
         read_points(SweepParams(temperature=[1.0], top_k=[0, 50], top_p=[1.0]), tmp_path)
 
 
@@ -36,7 +36,15 @@ def test_a_missing_point_is_named(tmp_path):
     ({"temperature": [1.0, 1.0]}, "temperature lists a value twice"),
     ({"top_p": [1.5]}, "sweep.top_p.0"),
     ({"top_k": []}, "sweep.top_k"),
+    ({"guidance": [-1.0]}, "sweep.guidance.0"),
 ])
 def test_bad_grids_fail_at_start_up(sweep, message):
     with pytest.raises(ParamsError, match=message):
         parse_params({"sweep": sweep})
+
+
+def test_a_guidance_grid_needs_a_conditional_prior():
+    with pytest.raises(ParamsError, match="unconditional prior.*keep one value"):
+        parse_params({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 0}}})
+    conditional = parse_params({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 10}}})
+    assert conditional.sweep.guidance == [1.0, 2.0]

@@ -128,15 +128,18 @@ class SampleParams(Section):
 
 
 class SweepParams(Section):
-    """The sampling grid: every temperature x top_k x top_p point is sampled and scored (stages sweep_point, sweep)."""
+    """The sampling grid: every temperature x top_k x top_p x guidance point is sampled and scored (stages
+    sweep_point, sweep)."""
 
     temperature: list[Annotated[float, Field(gt=0)]] = Field([1.0], min_length=1)
     top_k: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1, description="0 disables top-k")
     top_p: list[Annotated[float, Field(gt=0, le=1)]] = Field([1.0], min_length=1, description="1.0 disables top-p")
+    guidance: list[Annotated[float, Field(ge=0)]] = Field([1.0], min_length=1, description="classifier-free guidance "
+                                                          "scales of a conditional prior (1: plain conditional)")
 
     @model_validator(mode="after")
     def _no_repeats(self):
-        for name in ("temperature", "top_k", "top_p"):
+        for name in ("temperature", "top_k", "top_p", "guidance"):
             values = getattr(self, name)
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} lists a value twice: {values}")
@@ -178,6 +181,13 @@ class Params(Section):
     train_classifier: TrainClassifierParams = TrainClassifierParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _guidance_needs_classes(self):
+        if self.train_prior.model.num_classes == 0 and len(self.sweep.guidance) > 1:
+            raise ValueError(f"sweep.guidance lists {self.sweep.guidance}, but an unconditional prior "
+                             "(train_prior.model.num_classes 0) ignores guidance: keep one value")
+        return self
 
 
 def _describe(error: dict) -> str:

@@ -6,12 +6,9 @@ is the null class (no label), which classifier-free guidance samples against.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..config import PriorModelParams
 from . import read_checkpoint
@@ -43,13 +40,25 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
-def attention_kernel(x: torch.Tensor):
-    """bf16 training on CPU uses the plain (math) attention kernel: at these short sequences the fused CPU kernel's
-    backward costs ~10x its forward, and the math kernel trains ~1.3x faster (benchmarks/train_speed.py).
-    Everywhere else (fp32, full-sequence inference, GPUs) torch picks its fused kernels."""
-    if x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu"):
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+def attention(q, k, v, causal: bool = False, keep: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim)) v, with a causal mask or a boolean `keep` mask, dropout on the weights.
+
+    Spelled out as two batched products where PyTorch's kernels lose at these short sequences: one query per row
+    (cached sampling: 2x the fused CPU kernel) and bf16 training on CPU (the fused kernel's backward costs ~10x its
+    forward; the products train ~1.4x faster than it and ~1.1x faster than torch's math kernel, whose checks and
+    copies they skip; benchmarks/train_speed.py). Elsewhere (fp32, full-sequence inference, GPUs) torch's fused
+    kernels."""
+    one_query = q.shape[2] == 1 and keep is None
+    bf16_cpu_training = q.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+    if not (one_query or bf16_cpu_training):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=causal, dropout_p=dropout)
+    weights = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if causal:
+        keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+    if keep is not None:
+        weights = weights.masked_fill(~keep, float("-inf"))
+    weights = F.dropout(weights.softmax(-1), dropout) if dropout > 0 else weights.softmax(-1)
+    return weights.to(v.dtype) @ v
 
 
 class SelfAttention(nn.Module):
@@ -75,12 +84,7 @@ class SelfAttention(nn.Module):
             eye = torch.eye(t, dtype=torch.bool, device=x.device)
             keep = (torch.rand(b, self.heads, t, t, device=x.device) >= self.attn_dropout) | eye
             causal, mask = False, keep & torch.ones_like(eye).tril()
-        if start > 0:  # one query per row (cached sampling): two small products beat the fused CPU kernel 2x
-            y = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1).to(v.dtype) @ v
-        else:
-            with attention_kernel(x):
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                                   dropout_p=self.dropout if self.training else 0.0)
+        y = attention(q, k, v, causal, mask, self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
