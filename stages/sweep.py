@@ -52,9 +52,9 @@ def plot(points: list[dict], best: int, path: str | Path) -> None:
     for i, pt in enumerate(points):
         pr.scatter(pt["recall"], pt["precision"], marker="*" if i == best else "o", s=120 if i == best else 40)
         name = f"T{pt['temperature']} k{pt['top_k']} p{pt['top_p']} g{pt['guidance']}"
-        pr.annotate(name, (pt["recall"], pt["precision"]),
-                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+        pr.annotate(name, (pt["recall"], pt["precision"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     pr.set(xlabel="recall", ylabel="precision", title="precision vs recall (star: best FID)")
+
     def line(q):  # the points FID is drawn against temperature for
         return q["top_k"], q["top_p"], q["guidance"]
 
