@@ -4,11 +4,13 @@
     python benchmarks/train_speed.py --steps 20   # longer, steadier timing
 
 Prints a table: VQ-VAE training images/s, VQ-VAE encode images/s, prior training tokens/s, and prior sampling
-samples/s with the KV cache vs recomputing the whole prefix each step.
+samples/s with the KV cache vs recomputing the whole prefix each step. Training speeds are medians of `--repeats`
+rounds that alternate fp32 and bf16, so a slow spell on a shared machine hits both sides alike.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -28,14 +30,26 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
+def interleaved(steps_by_precision: dict, steps: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each precision's step function, the precisions taking turns round by round."""
+    times = {precision: [] for precision in steps_by_precision}
+    for _ in range(repeats):
+        for precision, step in steps_by_precision.items():
+            times[precision].append(timed(step, steps))
+    return {precision: statistics.median(t) for precision, t in times.items()}
+
+
 def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_step(model, opt, loss_fn, precision):
+def train_step(model, loss_fn, precision):
+    """One AdamW step on loss_fn(model) under `precision`."""
+    opt = torch.optim.AdamW(model.parameters())
+
     def step():
         with autocast(precision):
-            loss = loss_fn()
+            loss = loss_fn(model)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -46,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="fp32/bf16 rounds for the training speeds (median)")
     args = ap.parse_args()
     p = load_params(args.params)
     torch.manual_seed(0)
@@ -54,11 +69,11 @@ def main() -> None:
 
     vq_batch = p.train_vqvae.train.batch_size
     x = torch.rand(vq_batch, 1, 28, 28) * 2 - 1
-    for precision in precisions:
-        model = VQVAE(p.train_vqvae.model)
-        opt = torch.optim.AdamW(model.parameters())
-        dt = timed(train_step(model, opt, lambda: model.loss(x)[0], precision), args.steps)
+    vqvaes = {precision: VQVAE(p.train_vqvae.model) for precision in precisions}
+    steps = {precision: train_step(m, lambda m: m.loss(x)[0], precision) for precision, m in vqvaes.items()}
+    for precision, dt in interleaved(steps, args.steps, args.repeats).items():
         rows.append(("VQ-VAE train", precision, f"batch {vq_batch}", vq_batch / dt, "images/s"))
+    for precision, model in vqvaes.items():
         model.eval()
         xe = torch.rand(1024, 1, 28, 28) * 2 - 1
         with autocast(precision):
@@ -68,10 +83,9 @@ def main() -> None:
     grid_h, grid_w = VQVAE(p.train_vqvae.model).grid_size(28, 28)  # the code grid the prior models
     length, vocab, pb = grid_h * grid_w, p.train_vqvae.model.codebook_size, p.train_prior.train.batch_size
     codes = torch.randint(0, vocab, (pb, length))
-    for precision in precisions:
-        prior = Prior(p.train_prior.model, vocab=vocab, length=length)
-        opt = torch.optim.AdamW(prior.parameters())
-        dt = timed(train_step(prior, opt, lambda: prior.loss(codes)[0], precision), args.steps)
+    priors = {precision: Prior(p.train_prior.model, vocab=vocab, length=length) for precision in precisions}
+    steps = {precision: train_step(m, lambda m: m.loss(codes)[0], precision) for precision, m in priors.items()}
+    for precision, dt in interleaved(steps, args.steps, args.repeats).items():
         rows.append(("prior train", precision, f"batch {pb}", pb * length / dt, "tokens/s"))
 
     prior = Prior(p.train_prior.model, vocab=vocab, length=length).eval()
