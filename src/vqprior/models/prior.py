@@ -45,9 +45,9 @@ def attention(q, k, v, causal: bool = False, keep: torch.Tensor | None = None, d
 
     Spelled out as two batched products where PyTorch's kernels lose at these short sequences: one query per row
     (cached sampling: 2x the fused CPU kernel) and bf16 training on CPU (the fused kernel's backward costs ~10x its
-    forward; the products train ~1.4x faster than it and ~1.1x faster than torch's math kernel, whose checks and
-    copies they skip; benchmarks/train_speed.py). Elsewhere (fp32, full-sequence inference, GPUs) torch's fused
-    kernels."""
+    forward; torch's math kernel trained 1.3x faster than it, these products 1.09-1.17x faster again by skipping the
+    math kernel's checks and copies; README, bf16 section). Elsewhere (fp32, full-sequence inference, GPUs) torch's
+    fused kernels."""
     one_query = q.shape[2] == 1 and keep is None
     bf16_cpu_training = q.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
     if not (one_query or bf16_cpu_training):
