@@ -49,15 +49,21 @@ def main() -> None:
         if classes and (top := int(max(train.labels.max(), val.labels.max()))) >= classes:
             raise SystemExit(f"error: train_prior.model.num_classes is {classes} but the codes hold labels up to {top}; "
                              "raise it, or set 0 for an unconditional prior")
-        prior = Prior(cfg.model, vocab=train.codebook_size, length=length).to(runtime.device)
+        # flipped rows get their own tag (0: original images, the kind sampling draws)
+        kinds = ["none", *sorted(set(train.augmentation) - {"none"})]
+        a_train = torch.zeros(len(x_train), dtype=torch.long)
+        for tag, kind in enumerate(kinds[1:], start=1):
+            a_train[torch.from_numpy(train.augmentation == kind)] = tag
+        prior = Prior(cfg.model, vocab=train.codebook_size, length=length, augmentations=len(kinds)).to(runtime.device)
         runtime.maybe_compile(prior)
-        flips = int((train.augmentation != "none").sum())
+        flips = int((a_train > 0).sum())
         print(f"train_prior: {len(x_train)} grids ({flips} flipped) of {train.grid[0]}x{train.grid[1]} codes "
               f"(vocab {train.codebook_size}), {f'{classes} classes' if classes else 'unconditional'}, "
               f"{prior.num_params():,} params, {runtime.device} {runtime.precision}")
 
         def step(idx):
-            return prior.loss(x_train[idx].to(runtime.device), None if y_train is None else y_train[idx].to(runtime.device))
+            labels = None if y_train is None else y_train[idx].to(runtime.device)
+            return prior.loss(x_train[idx].to(runtime.device), labels, a_train[idx].to(runtime.device) if flips else None)
 
         result = fit(
             prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, y_val, 512, runtime.device), cfg.train, runtime,
@@ -65,7 +71,7 @@ def main() -> None:
             fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta),
         )
         save_model("models/prior.pt", prior, vocab=train.codebook_size, length=length, grid=list(train.grid),
-                   vqvae_sha256=train.meta["vqvae_sha256"])
+                   augmentations=len(kinds), vqvae_sha256=train.meta["vqvae_sha256"])
         best = result.best
         # bits per image dimension: the whole grid's NLL spread over the image's pixel values
         dims = math.prod(train.meta["image_shape"])

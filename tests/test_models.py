@@ -221,6 +221,26 @@ def test_conditional_prior_checkpoint_needs_no_params(tmp_path):
     assert loaded.num_classes == 3 and torch.equal(loaded(inputs, labels=labels)[0], prior(inputs, labels=labels)[0])
 
 
+def test_augmentation_tag_marks_flipped_rows_and_sampling_draws_originals(tmp_path):
+    torch.manual_seed(0)
+    prior = Prior(COND_PRIOR, vocab=16, length=10, augmentations=2).eval()
+    codes, labels = torch.randint(0, 16, (3, 10)), torch.tensor([0, 1, 2])
+    inputs = prior.with_start(codes)
+    original, _ = prior(inputs, labels=labels)
+    flipped, _ = prior(inputs, labels=labels, augmentation=torch.ones(3, dtype=torch.long))
+    assert not torch.allclose(original, flipped, atol=1e-4)  # the tag reaches every position's logits
+    assert torch.equal(original, prior(inputs, labels=labels, augmentation=torch.zeros(3, dtype=torch.long))[0])
+    # the cached path (sampling) uses tag 0 too: KV-cache logits equal the full pass without a tag
+    cache = KVCache(10)
+    first, _ = prior(inputs[:, :1], cache, labels=labels)
+    assert torch.allclose(first[:, 0], original[:, 0], atol=1e-5)
+    save_model(tmp_path / "prior.pt", prior, vocab=16, length=10, grid=[2, 5], augmentations=2)
+    loaded, _ = load_prior(tmp_path / "prior.pt")
+    assert loaded.augmentations == 2 and torch.equal(loaded(inputs, labels=labels)[0], original)
+    # a prior without augmented rows has no tag embedding: its parameters are as before
+    assert Prior(COND_PRIOR, vocab=16, length=10).aug is None
+
+
 def test_guidance_one_is_plain_conditional_and_zero_is_unconditional():
     torch.manual_seed(0)
     prior = Prior(COND_PRIOR, vocab=16, length=8).eval()

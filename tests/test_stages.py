@@ -27,3 +27,35 @@ def test_missing_input_names_the_stage_to_run(tmp_path):
     result = stage("train_prior", tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == "error: data/codes/train.parquet not found; run `dvc repro extract_codes` first"
+
+
+def test_prior_trains_on_flipped_rows_under_their_own_tag(tmp_path):
+    """A code store with 'hflip' rows gives a prior that tells them apart by a tag; untagged (sampling) is original."""
+    import numpy as np
+    import torch
+
+    from vqprior.codes import CodeWriter
+    from vqprior.models.prior import load_prior
+
+    params = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
+    params["train_prior"]["train"].update(epochs=15, lr=0.01, warmup_steps=5)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())  # MLflow tracking reads the stage's deps
+    meta = {"grid_height": 2, "grid_width": 3, "codebook_size": 8, "image_shape": [8, 12, 1],
+            "vqvae_sha256": "0" * 64, "data_sha256": "0" * 64}
+    labels = np.arange(40) % 10
+    for split, tags in (("train", ["none", "hflip"]), ("val", ["none"])):
+        with CodeWriter(tmp_path / f"data/codes/{split}.parquet", split, {**meta, "augmentations": tags}) as w:
+            for tag in tags:  # originals are all code 1, their flips all code 5
+                w.write(np.full((40, 2, 3), 5 if tag == "hflip" else 1), labels, np.arange(40), augmentation=tag)
+    result = stage("train_prior", tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "80 grids (40 flipped)" in result.stdout
+    prior, _ = load_prior(tmp_path / "models/prior.pt")
+    assert prior.augmentations == 2
+    start = prior.with_start(torch.zeros(2, 6, dtype=torch.long))[:, :1]
+    with torch.no_grad():
+        untagged, _ = prior(start, labels=torch.tensor([3, 3]))
+        tagged, _ = prior(start, labels=torch.tensor([3, 3]), augmentation=torch.tensor([0, 1]))
+    # the first code has nothing but the tag to go on: original -> 1, flipped -> 5; no tag means original
+    assert tagged[:, 0].argmax(-1).tolist() == [1, 5] and untagged[:, 0].argmax(-1).tolist() == [1, 1]

@@ -2,7 +2,9 @@
 
 The sequence is [START, c_0, ..., c_{L-1}]; position t predicts c_t. START is token `vocab`.
 A class-conditional prior (num_classes > 0) puts a class token in START's place; its last class
-is the null class (no label), which classifier-free guidance samples against.
+is the null class (no label), which classifier-free guidance samples against. A prior trained on augmented rows
+(flipped images, `augmentations` > 1) adds an augmentation tag to the first position: it learns the flipped images
+as their own kind and samples the original kind (tag 0).
 """
 from __future__ import annotations
 
@@ -102,12 +104,13 @@ class Block(nn.Module):
 
 
 class Prior(nn.Module):
-    def __init__(self, p: PriorModelParams, vocab: int, length: int):
+    def __init__(self, p: PriorModelParams, vocab: int, length: int, augmentations: int = 1):
         super().__init__()
-        self.config, self.vocab, self.length = p, vocab, length
+        self.config, self.vocab, self.length, self.augmentations = p, vocab, length, augmentations
         self.tok = nn.Embedding(vocab + 1, p.d_model)  # +1: the START token
         # class tokens, the last row the null class; None keeps an unconditional prior's weights as they were
         self.cls = nn.Embedding(p.num_classes + 1, p.d_model) if p.num_classes else None
+        self.aug = nn.Embedding(augmentations, p.d_model) if augmentations > 1 else None  # row 0: original images
         self.pos = nn.Embedding(length, p.d_model)
         self.drop = nn.Dropout(p.dropout)
         self.blocks = nn.ModuleList(Block(p.d_model, p.n_heads, p.dropout, p.attn_dropout) for _ in range(p.n_layers))
@@ -133,12 +136,13 @@ class Prior(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, labels: torch.Tensor | None = None):
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, labels: torch.Tensor | None = None,
+                augmentation: torch.Tensor | None = None):
         """tokens B x T (START first at the sequence's start) -> logits B x T x vocab, and the cache.
 
         With a `KVCache` the tokens continue the cached positions (all at once on an empty cache, then one at a
         time) and their keys and values are added to it. `labels` (B, -1 = unknown) pick a conditional prior's class
-        token; None or -1 is the null class.
+        token; None or -1 is the null class. `augmentation` (B) tags augmented rows; None: original images (tag 0).
         """
         if labels is not None and self.cls is None:
             raise ValueError("labels given to an unconditional prior (num_classes 0)")
@@ -150,6 +154,10 @@ class Prior(nn.Module):
                 labels = torch.full((len(tokens),), -1, dtype=torch.long, device=tokens.device)
             cls = self.cls(torch.where(labels < 0, self.null_class, labels.long()))
             x = torch.cat([cls.unsqueeze(1), x[:, 1:]], dim=1)  # the class token takes START's place
+        if self.aug is not None and start == 0:
+            if augmentation is None:
+                augmentation = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+            x = torch.cat([x[:, :1] + self.aug(augmentation).unsqueeze(1), x[:, 1:]], dim=1)
         x = self.drop(x + self.pos(pos))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
@@ -162,12 +170,12 @@ class Prior(nn.Module):
         start = torch.full((codes.shape[0], 1), self.vocab, dtype=torch.long, device=codes.device)
         return torch.cat([start, codes[:, :-1].long()], dim=1)
 
-    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None):
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None, augmentation: torch.Tensor | None = None):
         if labels is not None and self.training and self.config.label_dropout > 0:
             # label dropout: the null class learns the unconditional model that guidance needs
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
             labels = labels.masked_fill(drop, -1)
-        logits, _ = self(self.with_start(codes), labels=labels)
+        logits, _ = self(self.with_start(codes), labels=labels, augmentation=augmentation)
         logits = logits.float()
         target = codes.long()
         nll = F.cross_entropy(logits.reshape(-1, self.vocab), target.reshape(-1))
@@ -182,6 +190,7 @@ class Prior(nn.Module):
 
 def load_prior(path, device: torch.device | str = "cpu") -> tuple[Prior, dict]:
     state = read_checkpoint(path, "train_prior")
-    model = Prior(PriorModelParams(**state["config"]), vocab=state["vocab"], length=state["length"])
+    model = Prior(PriorModelParams(**state["config"]), vocab=state["vocab"], length=state["length"],
+                  augmentations=state.get("augmentations", 1))
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), state
