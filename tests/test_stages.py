@@ -1,9 +1,13 @@
-"""Stages fail fast and clearly on bad input, before heavy work."""
+"""Stages run as their own processes: they fail fast and clearly on bad input; train_prior learns augmentation tags."""
 import sys
 
+import numpy as np
+import torch
 import yaml
 
 from conftest import ROOT, run
+from vqprior.codes import CodeWriter
+from vqprior.models.prior import load_prior
 
 
 def stage(name, cwd):
@@ -31,12 +35,6 @@ def test_missing_input_names_the_stage_to_run(tmp_path):
 
 def test_prior_trains_on_flipped_rows_under_their_own_tag(tmp_path):
     """A code store with 'hflip' rows gives a prior that tells them apart by a tag; untagged (sampling) is original."""
-    import numpy as np
-    import torch
-
-    from vqprior.codes import CodeWriter
-    from vqprior.models.prior import load_prior
-
     params = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
     params["train_prior"]["train"].update(epochs=15, lr=0.01, warmup_steps=5)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
