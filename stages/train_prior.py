@@ -63,7 +63,7 @@ def main() -> None:
 
         def step(idx):
             labels = None if y_train is None else y_train[idx].to(runtime.device)
-            return prior.loss(x_train[idx].to(runtime.device), labels, a_train[idx].to(runtime.device) if flips else None)
+            return prior.loss(x_train[idx].to(runtime.device), labels, a_train[idx].to(runtime.device))
 
         result = fit(
             prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, y_val, 512, runtime.device), cfg.train, runtime,

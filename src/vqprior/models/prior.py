@@ -149,15 +149,17 @@ class Prior(nn.Module):
         start = 0 if cache is None else cache.length
         pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)
         x = self.tok(tokens)
-        if self.cls is not None and start == 0:
-            if labels is None:
-                labels = torch.full((len(tokens),), -1, dtype=torch.long, device=tokens.device)
-            cls = self.cls(torch.where(labels < 0, self.null_class, labels.long()))
-            x = torch.cat([cls.unsqueeze(1), x[:, 1:]], dim=1)  # the class token takes START's place
-        if self.aug is not None and start == 0:
-            if augmentation is None:
-                augmentation = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
-            x = torch.cat([x[:, :1] + self.aug(augmentation).unsqueeze(1), x[:, 1:]], dim=1)
+        if start == 0 and (self.cls is not None or self.aug is not None):
+            first = x[:, 0]
+            if self.cls is not None:  # the class token takes START's place
+                if labels is None:
+                    labels = torch.full((len(tokens),), -1, dtype=torch.long, device=tokens.device)
+                first = self.cls(torch.where(labels < 0, self.null_class, labels.long()))
+            if self.aug is not None:
+                if augmentation is None:
+                    augmentation = torch.zeros(len(tokens), dtype=torch.long, device=tokens.device)
+                first = first + self.aug(augmentation)
+            x = torch.cat([first.unsqueeze(1), x[:, 1:]], dim=1)
         x = self.drop(x + self.pos(pos))
         for i, block in enumerate(self.blocks):
             x = block(x, cache, i)
