@@ -79,6 +79,20 @@ def test_dead_code_is_restarted_on_encoder_outputs():
     assert q.codebook[5].abs().max() < 100  # moved back among the data
 
 
+def test_ema_update_sums_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    q = EMAQuantizer(codebook_size=16, dim=4, decay=0.99).train()
+    q(torch.randn(8, 4, 5, 5))  # k-means initialisation
+    embed_sum = q.embed_sum.clone()
+    z = torch.randn(8, 4, 5, 5) * 3.7
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, codes, _ = q(z)
+    flat, codes = z.permute(0, 2, 3, 1).reshape(-1, 4).double(), codes.flatten()
+    sums = torch.stack([flat[codes == k].sum(0) for k in range(16)]).float()
+    # a bf16 product would round each sum to ~3 significant digits (errors ~1e-2 here, 1e-4 after the decay)
+    assert torch.allclose(q.embed_sum, 0.99 * embed_sum + 0.01 * sums, rtol=0, atol=2e-6)
+
+
 def test_vqvae_shapes_and_loss_falls_on_a_small_batch():
     torch.manual_seed(0)
     model = VQVAE(SMALL_VQ, in_channels=1)
@@ -165,6 +179,22 @@ def test_attention_dropout_masks_while_training_only():
     assert torch.allclose(torch.cat(steps, 1), expected, atol=1e-5)
     prior.eval()
     assert torch.allclose(prior(inputs)[0], expected, atol=1e-6)
+
+
+def test_token_noise_replaces_input_codes_while_training_only():
+    torch.manual_seed(0)
+    prior = Prior(SMALL_PRIOR.model_copy(update={"token_noise": 0.5}), vocab=16, length=10)
+    codes = torch.randint(0, 16, (400, 10))
+    seen, forward = [], prior.forward
+    prior.forward = lambda tokens, **kw: (seen.append(tokens), forward(tokens, **kw))[1]
+    prior.train().loss(codes)
+    prior.eval().loss(codes)
+    clean = prior.with_start(codes)
+    noisy, changed = seen[0], seen[0] != clean
+    assert torch.equal(noisy[:, 0], clean[:, 0]) and noisy[:, 1:].max() < 16  # START stays; noise is real codes
+    # half the codes are redrawn, and a redrawn code is a different one 15 times in 16
+    assert changed[:, 1:].float().mean().item() == pytest.approx(0.5 * 15 / 16, abs=0.03)
+    assert torch.equal(seen[1], clean)  # evaluation sees the true codes
 
 
 @pytest.mark.parametrize("mask", ["causal", "keep"])

@@ -103,6 +103,7 @@ class PriorModelParams(Section):
     n_heads: int = Field(4, ge=1)
     dropout: float = Field(0.1, ge=0, lt=1)
     attn_dropout: float = Field(0.0, ge=0, lt=1, description="share of attention-matrix positions masked at random while training")
+    token_noise: float = Field(0.0, ge=0, lt=1, description="share of input codes replaced by random codes while training")
     num_classes: int = Field(0, ge=0, description="0: unconditional; else a class token replaces START")
     label_dropout: float = Field(0.1, ge=0, le=1, description="chance a training label becomes the null class (for guidance)")
 

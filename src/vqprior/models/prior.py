@@ -177,7 +177,14 @@ class Prior(nn.Module):
             # label dropout: the null class learns the unconditional model that guidance needs
             drop = torch.rand(labels.shape, device=labels.device) < self.config.label_dropout
             labels = labels.masked_fill(drop, -1)
-        logits, _ = self(self.with_start(codes), labels=labels, augmentation=augmentation)
+        inputs = self.with_start(codes)
+        if self.training and self.config.token_noise > 0:
+            # token noise: some input codes become random codes while the targets stay true, so the prior learns to
+            # continue past its own mistakes, as it must when sampling (START keeps its place)
+            noisy = torch.rand(inputs.shape, device=inputs.device) < self.config.token_noise
+            noisy[:, 0] = False
+            inputs = torch.where(noisy, torch.randint_like(inputs, self.vocab), inputs)
+        logits, _ = self(inputs, labels=labels, augmentation=augmentation)
         logits = logits.float()
         target = codes.long()
         nll = F.cross_entropy(logits.reshape(-1, self.vocab), target.reshape(-1))

@@ -23,6 +23,14 @@ def nearest_centre(flat: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@torch.no_grad()
+def cluster_sums(flat: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Count and sum of the rows assigned to each of k centres, exact in fp32 whatever the autocast (a one-hot
+    matrix product would run in bf16 under autocast and round every sum)."""
+    counts = torch.bincount(assign, minlength=k).to(flat.dtype)
+    return counts, flat.new_zeros(k, flat.shape[1]).index_add_(0, assign, flat)
+
+
 class EMAQuantizer(nn.Module):
     def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, commitment: float = 0.25,
                  dead_code_steps: int = 50, kmeans_iters: int = 10, l2_normalize: bool = False, eps: float = 1e-5):
@@ -46,8 +54,7 @@ class EMAQuantizer(nn.Module):
         centres = flat[torch.randint(len(flat), (self.codebook_size,), device=flat.device)]
         for _ in range(self.kmeans_iters):
             assign = nearest_centre(flat, centres)
-            counts = torch.bincount(assign, minlength=self.codebook_size)
-            sums = torch.zeros_like(centres).index_add_(0, assign, flat)
+            counts, sums = cluster_sums(flat, assign, self.codebook_size)
             # an empty cluster keeps its old centre
             centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
             centres = self._norm(centres)
@@ -58,10 +65,9 @@ class EMAQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
-        onehot = F.one_hot(codes, self.codebook_size).type(flat.dtype)
-        counts = onehot.sum(0)
+        counts, sums = cluster_sums(flat, codes, self.codebook_size)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_sum.mul_(self.decay).add_(onehot.t() @ flat, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + self.eps) / (n + self.codebook_size * self.eps) * n  # Laplace smoothing
         self.codebook.copy_(self._norm(self.embed_sum / smoothed.unsqueeze(1)))
