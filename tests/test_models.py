@@ -157,6 +157,21 @@ def test_kv_cache_gives_the_tokens_of_full_recompute(top_k, temperature):
     assert cached.shape == (6, 12) and torch.equal(cached, full)
 
 
+def test_kv_cache_filled_several_positions_at_once_then_one_at_a_time_matches_the_full_pass():
+    torch.manual_seed(0)
+    prior = Prior(SMALL_PRIOR, vocab=16, length=10).eval()
+    inputs = prior.with_start(torch.randint(0, 16, (3, 10)))
+    expected, _ = prior(inputs)
+    cache = KVCache(10)
+    steps = [prior(inputs[:, :4], cache)[0]] + [prior(inputs[:, t : t + 1], cache)[0] for t in range(4, 10)]
+    assert cache.length == 10
+    assert torch.allclose(torch.cat(steps, 1), expected, atol=1e-5)
+    cache = KVCache(10)
+    prior(inputs[:, :3], cache)
+    with pytest.raises(ValueError, match="one new position at a time"):
+        prior(inputs[:, 3:5], cache)
+
+
 def test_attention_dropout_masks_while_training_only():
     torch.manual_seed(0)
     prior = Prior(SMALL_PRIOR.model_copy(update={"attn_dropout": 0.9}), vocab=16, length=10)
