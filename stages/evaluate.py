@@ -15,7 +15,7 @@ import torch
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import read_uint8_images, score_samples
-from vqprior.io import write_json_atomic
+from vqprior.io import extra_sample_sets, write_json_atomic
 from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
 from vqprior.models.classifier import CLASSIFIER
 from vqprior.runtime import resolve_runtime
@@ -44,6 +44,17 @@ def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighbor
         "classifier_test_accuracy": read_metric("metrics/train_classifier.json", "test_accuracy", "train_classifier")}
 
 
+def seed_spread(headline: dict, cfg, device: str) -> dict:
+    """Mean and standard deviation of FID, KID, precision and recall over the headline set and the extra sets `sample`
+    drew with the next seeds (`sample.seeds`): a difference between two runs smaller than this is sampling noise."""
+    sets = [headline] + [score_samples(read_samples(f, "sample"), cfg, device) for f in extra_sample_sets("data/samples")]
+    spread = {"sample_sets": len(sets)}
+    for key in ("fid", "kid", "precision", "recall"):
+        values = np.array([s[key] for s in sets])
+        spread |= {f"{key}_mean": float(values.mean()), f"{key}_std": float(values.std(ddof=1)) if len(sets) > 1 else 0.0}
+    return spread | {"per_set": {key: [s[key] for s in sets] for key in ("fid", "precision", "recall")}}
+
+
 def main() -> None:
     p = load_params()
     runtime = resolve_runtime(p.compute)
@@ -55,6 +66,7 @@ def main() -> None:
             "floor_fid": read_metric("metrics/reference.json", "floor_fid", "reference"),
             "rfid": read_metric("metrics/reconstruction.json", "rfid", "reconstruction_fid"),
         }
+        metrics |= seed_spread(metrics, p.evaluate, str(runtime.device))
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
                                       str(runtime.device))
         write_json_atomic("metrics/evaluate.json", metrics)
@@ -64,6 +76,10 @@ def main() -> None:
               f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} ({metrics['seconds']:.0f}s, "
               f"{metrics['images_per_second']:.1f} images/s); classifier space: FID {metrics['classifier_fid']:.2f}, "
               f"precision {metrics['classifier_precision']:.3f}, recall {metrics['classifier_recall']:.3f}")
+        if metrics["sample_sets"] > 1:
+            print(f"evaluate: over {metrics['sample_sets']} sample sets (`sample.seeds`), mean ± std: "
+                  f"FID {metrics['fid_mean']:.2f} ± {metrics['fid_std']:.2f}, precision {metrics['precision_mean']:.3f} "
+                  f"± {metrics['precision_std']:.3f}, recall {metrics['recall_mean']:.3f} ± {metrics['recall_std']:.3f}")
 
 
 if __name__ == "__main__":

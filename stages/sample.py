@@ -11,7 +11,7 @@ import numpy as np
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.io import save_npy, write_json_atomic
+from vqprior.io import extra_sample_set, extra_sample_sets, save_npy, write_json_atomic
 from vqprior.models.prior import load_prior
 from vqprior.models.vqvae import load_vqvae
 from vqprior.plots import save_sample_grid
@@ -28,9 +28,13 @@ def main() -> None:
     with tracked_run("sample", p) as run:
         prior, prior_state = load_prior("models/prior.pt", runtime.device)
         vqvae, _ = load_vqvae("models/vqvae.pt", runtime.device)
-        out = generate(prior, vqvae, tuple(prior_state["grid"]), runtime, num_samples=cfg.num_samples,
-                       batch_size=cfg.batch_size, seed=p.seed, guidance=cfg.guidance,
-                       temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+
+        def draw(seed: int):
+            return generate(prior, vqvae, tuple(prior_state["grid"]), runtime, num_samples=cfg.num_samples,
+                            batch_size=cfg.batch_size, seed=seed, guidance=cfg.guidance,
+                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p)
+
+        out = draw(p.seed)
         classes = prior.num_classes
         save_npy(OUT / "images.npy", out.images.numpy())  # N x C x H x W uint8
         save_npy(OUT / "codes.npy", out.codes.numpy().astype(np.uint16))
@@ -38,19 +42,25 @@ def main() -> None:
             save_npy(OUT / "labels.npy", out.labels.numpy())  # int64, one per sample
         else:
             (OUT / "labels.npy").unlink(missing_ok=True)  # none from an earlier conditional run
+        # more sets with the next seeds: only for `evaluate`'s spread, so a run's scores come with their sampling noise
+        for stale in extra_sample_sets(OUT):
+            stale.unlink()
+        for seed in range(p.seed + 1, p.seed + cfg.seeds):
+            save_npy(extra_sample_set(OUT, seed), draw(seed).images.numpy())
         save_sample_grid(out.images, classes, "reports/samples.png")
         metrics = {
             "num_samples": cfg.num_samples, "samples_per_second": round(cfg.num_samples / out.seconds, 1),
             "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p,
             "num_classes": classes, "guidance": cfg.guidance if classes else None,
-            "unique_codes_used": int(np.unique(out.codes.numpy()).size),
+            "unique_codes_used": int(np.unique(out.codes.numpy()).size), "seeds": cfg.seeds,
         }
         write_json_atomic("metrics/sample.json", metrics)
         run.log_metrics(metrics)
         run.log_artifact("reports/samples.png")
         guided = f", {classes} classes, guidance {cfg.guidance}" if classes else ""
         print(f"sample: {cfg.num_samples} samples at {metrics['samples_per_second']:.0f}/s "
-              f"(T={cfg.temperature}, top_k={cfg.top_k}, top_p={cfg.top_p}{guided})")
+              f"(T={cfg.temperature}, top_k={cfg.top_k}, top_p={cfg.top_p}{guided})"
+              + (f"; {cfg.seeds - 1} more sets with seeds {p.seed + 1}..{p.seed + cfg.seeds - 1}" if cfg.seeds > 1 else ""))
 
 
 if __name__ == "__main__":

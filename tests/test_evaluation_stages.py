@@ -91,6 +91,24 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     for key in ("fid", "precision", "recall"):
         assert ev[f"classifier_{key}"] == pytest.approx(in_classifier_space[key], rel=1e-5, abs=1e-9), key
     assert ev["classifier_fid"] > 0 and ev["classifier_test_accuracy"] == 0.5
+    assert ev["sample_sets"] == 1 and ev["fid_mean"] == ev["fid"] and ev["fid_std"] == 0.0  # no extra sets
+
+
+def test_evaluate_reports_the_spread_over_the_extra_sample_sets(repo):
+    reference.main()
+    reconstruction_fid.main()
+    other = (repo["test"].float() * 0.5 + 60).round().to(torch.uint8)  # a second set, as `sample.seeds: 2` writes it
+    np.save("data/samples/images_seed1235.npy", other.numpy())
+    evaluate.main()
+    ev = json.loads(open("metrics/evaluate.json").read())
+    direct = [M.fidelity_metrics(x, repo["test"], extractor=M.TINY, kid=True) for x in (repo["samples"], other)]
+    assert ev["sample_sets"] == 2 and ev["fid"] == ev["per_set"]["fid"][0]  # the headline is the first set
+    for key in ("fid", "precision", "recall"):
+        values = [d[key] for d in direct]
+        assert ev["per_set"][key] == pytest.approx(values, rel=1e-6, abs=1e-12), key
+        assert ev[f"{key}_mean"] == pytest.approx(np.mean(values), rel=1e-6, abs=1e-12), key
+        assert ev[f"{key}_std"] == pytest.approx(np.std(values, ddof=1), rel=1e-5, abs=1e-12), key
+    assert ev["fid_std"] > 0 and ev["kid_std"] > 0
 
 
 def test_evaluate_without_reference_names_the_stage(repo):

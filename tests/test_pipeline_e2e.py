@@ -5,6 +5,7 @@ import sys
 import mlflow
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from conftest import run
 
@@ -58,6 +59,12 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert metrics["train_classifier"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1
     assert ev["classifier_test_accuracy"] == metrics["train_classifier"]["test_accuracy"]
     assert ev["classifier_fid"] > 0 and 0 <= ev["classifier_precision"] <= 1 and 0 <= ev["classifier_recall"] <= 1
+    # `sample.seeds: 2`: a second set drawn with the next seed, scored too; its spread beside the headline
+    extra = np.load(smoke_repo / "data/samples/images_seed1235.npy")  # the smoke profile's seed is 1234
+    assert extra.shape == images.shape and not np.array_equal(extra, images)
+    assert metrics["sample"]["seeds"] == ev["sample_sets"] == 2 and ev["per_set"]["fid"][0] == ev["fid"]
+    assert ev["per_set"]["fid"][1] != ev["fid"] and ev["fid_mean"] == pytest.approx(np.mean(ev["per_set"]["fid"]))
+    assert ev["recall_std"] == pytest.approx(np.std(ev["per_set"]["recall"], ddof=1))
 
     # the sweep: one scored point per grid point, the best by FID named; the point with the `sample` settings
     # draws the very same samples as `sample` (same seed), so it scores exactly what `evaluate` scored

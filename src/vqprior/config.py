@@ -126,6 +126,8 @@ class SampleParams(Section):
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus sampling")
     guidance: float = Field(1.0, ge=0, description="classifier-free guidance of a conditional prior: 0 unconditional, 1 plain conditional, > 1 stronger")
+    seeds: int = Field(1, ge=1, description="sample sets drawn, with seeds seed, seed + 1, ...: the first is the "
+                       "headline, `evaluate` reports the spread over all (sampling noise)")
 
 
 class SweepParams(Section):

@@ -1,4 +1,5 @@
-"""Atomic file writes: a killed process leaves the old file or none, never half of one."""
+"""Atomic file writes: a killed process leaves the old file or none, never half of one. And where `sample`'s extra sample
+sets live, so `sample` and `evaluate` agree on it."""
 from __future__ import annotations
 
 import json
@@ -38,3 +39,13 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def save_npy(path: str | Path, array: np.ndarray) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
+
+
+def extra_sample_set(folder: str | Path, seed: int) -> Path:
+    """The images `sample` drew with `seed` beside the headline set (`sample.seeds` > 1)."""
+    return Path(folder) / f"images_seed{seed}.npy"
+
+
+def extra_sample_sets(folder: str | Path) -> list[Path]:
+    """Every extra sample set in `folder`, in seed order."""
+    return sorted(Path(folder).glob("images_seed*.npy"), key=lambda f: int(f.stem.removeprefix("images_seed")))
