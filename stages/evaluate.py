@@ -45,11 +45,12 @@ def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighbor
 
 
 def seed_spread(headline: dict, cfg, device: str) -> dict:
-    """Mean and standard deviation of FID, KID, precision and recall over the headline set and the extra sets `sample`
-    drew with the next seeds (`sample.seeds`): a difference between two runs smaller than this is sampling noise."""
+    """Mean and standard deviation of FID, precision and recall over the headline set and the extra sets `sample` drew
+    with the next seeds (`sample.seeds`): a difference between two runs smaller than this is sampling noise. (Not KID:
+    its `kid_std` is torch-fidelity's spread over subsets of one set.)"""
     sets = [headline] + [score_samples(read_samples(f, "sample"), cfg, device) for f in extra_sample_sets("data/samples")]
     spread = {"sample_sets": len(sets)}
-    for key in ("fid", "kid", "precision", "recall"):
+    for key in ("fid", "precision", "recall"):
         values = np.array([s[key] for s in sets])
         spread |= {f"{key}_mean": float(values.mean()), f"{key}_std": float(values.std(ddof=1)) if len(sets) > 1 else 0.0}
     return spread | {"per_set": {key: [s[key] for s in sets] for key in ("fid", "precision", "recall")}}
