@@ -76,7 +76,12 @@ class StageRun:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_metrics(self, metrics: dict) -> None:
-        self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        """The numbers of `metrics`; one level of nesting is flattened ({"recall_by_class": {"8": 0.29}} ->
+        "recall_by_class.8"), anything else that is not a number is left to the metrics files."""
+        flat = {}
+        for key, value in metrics.items():
+            flat |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
+        self._mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float))})
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if Path(path).exists():

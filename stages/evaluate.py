@@ -2,6 +2,10 @@
 Inception). Only the samples go through Inception; the real set's features come from the `reference` stage, and the
 data floor (`reference`) and the VQ-VAE ceiling (`reconstruction_fid`) are copied beside the result for scale.
 
+Precision and recall are also split by class (`recall_by_class`: each real class's share inside the samples' manifold;
+`precision_by_class`: each sampled class's share inside the real one), beside the floor's split from `reference`:
+they say which classes the prior misses.
+
 The same numbers in a second feature space, the `train_classifier` CNN's (one that knows small grayscale images),
 come out as `classifier_fid`, `classifier_precision`, `classifier_recall`; Inception's stay the headline."""
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.features import read_uint8_images, score_samples
+from vqprior.features import TEST_IMAGES, read_uint8_images, score_samples
 from vqprior.io import extra_sample_sets, write_json_atomic
 from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
 from vqprior.models.classifier import CLASSIFIER
@@ -36,7 +40,7 @@ def read_samples(path: str | Path, stage: str) -> torch.Tensor:
 
 def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighborhood: int, device: str) -> dict:
     """FID / precision / recall in the classifier's feature space: the samples vs the same first test images."""
-    reference = read_uint8_images("data/prepared/test.parquet", limit=num_reference)
+    reference = read_uint8_images(TEST_IMAGES, limit=num_reference)
     feats = [extract_features(x, extractor=CLASSIFIER, batch_size=500, device=device,
                               feature_extractor_weights_path="models/classifier.pt") for x in (generated, reference)]
     m = metrics_from_features(*feats, prc_neighborhood=prc_neighborhood)
@@ -61,11 +65,14 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     with tracked_run("evaluate", p) as run:
         generated = read_samples("data/samples/images.npy", "sample")
+        labels_file = Path("data/samples/labels.npy")  # a conditional prior's sample classes
+        labels = torch.from_numpy(np.load(labels_file)) if labels_file.exists() else None
         print(f"evaluate: {len(generated)} samples vs the cached test features, {INCEPTION}")
-        metrics = score_samples(generated, p.evaluate, str(runtime.device))
+        metrics = score_samples(generated, p.evaluate, str(runtime.device), by_class=True, labels=labels)
         metrics |= {
             "floor_fid": read_metric("metrics/reference.json", "floor_fid", "reference"),
             "rfid": read_metric("metrics/reconstruction.json", "rfid", "reconstruction_fid"),
+            "floor_recall_by_class": read_metric("metrics/reference.json", "floor_recall_by_class", "reference"),
         }
         metrics |= seed_spread(metrics, p.evaluate, str(runtime.device))
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
@@ -77,6 +84,10 @@ def main() -> None:
               f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} ({metrics['seconds']:.0f}s, "
               f"{metrics['images_per_second']:.1f} images/s); classifier space: FID {metrics['classifier_fid']:.2f}, "
               f"precision {metrics['classifier_precision']:.3f}, recall {metrics['classifier_recall']:.3f}")
+        if metrics["recall_by_class"]:
+            floor = metrics["floor_recall_by_class"]
+            print("evaluate: recall by class (floor): " + ", ".join(
+                f"{c} {v:.3f} ({floor[c]:.3f})" if c in floor else f"{c} {v:.3f}" for c, v in metrics["recall_by_class"].items()))
         if metrics["sample_sets"] > 1:
             print(f"evaluate: over {metrics['sample_sets']} sample sets (`sample.seeds`), mean ± std: "
                   f"FID {metrics['fid_mean']:.2f} ± {metrics['fid_std']:.2f}, precision {metrics['precision_mean']:.3f} "

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.features import TEST_FEATURES, TRAIN_FEATURES, read_uint8_images, save_features, timed_features
+from vqprior.features import (TEST_FEATURES, TRAIN_FEATURES, read_labels, read_uint8_images, save_features,
+                              timed_features)
 from vqprior.io import write_json_atomic
-from vqprior.metrics import INCEPTION, metrics_from_features
+from vqprior.metrics import INCEPTION, metrics_from_features, precision_recall_by_class
 from vqprior.runtime import resolve_runtime
 
 PREPARED = Path("data/prepared")
@@ -35,10 +36,14 @@ def main() -> None:
         save_features(TEST_FEATURES, f_test)
         save_features(TRAIN_FEATURES, f_train)
         floor = metrics_from_features(f_train, f_test, prc_neighborhood=cfg.prc_neighborhood, kid=True)
+        floor |= precision_recall_by_class(f_train, f_test, read_labels(PREPARED / "train.parquet", limit=len(train)),
+                                           read_labels(PREPARED / "test.parquet", limit=len(test)),
+                                           prc_neighborhood=cfg.prc_neighborhood)
         seconds = s_test + s_train
         metrics = {
             "floor_fid": floor["fid"], "floor_precision": floor["precision"], "floor_recall": floor["recall"],
-            "floor_kid": floor["kid"], "num_reference": len(test), "num_train": len(train),
+            "floor_kid": floor["kid"], "floor_recall_by_class": floor["recall_by_class"],
+            "floor_precision_by_class": floor["precision_by_class"], "num_reference": len(test), "num_train": len(train),
             "feature_extractor": INCEPTION, "feature_dim": int(f_test.shape[1]),
             "inception_precision": "bf16" if cfg.inception_bf16 else "fp32",
             "seconds": round(seconds, 1), "images_per_second": round((len(test) + len(train)) / seconds, 1),

@@ -73,6 +73,8 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     assert ref["floor_precision"] == pytest.approx(floor["precision"]) and ref["floor_kid"] == pytest.approx(floor["kid"], rel=1e-6)
     assert {"floor_recall", "num_reference", "num_train", "seconds", "images_per_second"} <= ref.keys()
     assert ref["num_reference"] == ref["num_train"] == N
+    assert ref["floor_recall_by_class"] == {"0": pytest.approx(ref["floor_recall"])}  # every image is class 0 here
+    assert ref["floor_precision_by_class"] == {"0": pytest.approx(ref["floor_precision"])}
 
     rec = json.loads(open("metrics/reconstruction.json").read())
     assert {"rfid", "rprecision", "rrecall", "num_images", "seconds"} <= rec.keys() and rec["num_images"] == N
@@ -83,6 +85,9 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     for key in ("fid", "precision", "recall", "f_score", "kid"):
         assert ev[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-12), key
     assert ev["floor_fid"] == ref["floor_fid"] and ev["rfid"] == rec["rfid"]
+    # by class: one class here; the samples have no labels (no labels.npy: an unconditional prior), so recall only
+    assert ev["recall_by_class"] == {"0": pytest.approx(direct["recall"], rel=1e-6)} and "precision_by_class" not in ev
+    assert ev["floor_recall_by_class"] == ref["floor_recall_by_class"]
     assert ev["num_samples"] == ev["num_reference"] == N and ev["images_per_second"] > 0 and "seconds" in ev
     assert {"feature_extractor", "feature_layer", "reference_split", "prc_neighborhood", "torch_fidelity_version"} <= ev.keys()
     assert ev["inception_precision"] == ref["inception_precision"] == "bf16"

@@ -95,6 +95,25 @@ def test_disjoint_clusters_have_zero_precision_and_recall():
     assert r["fid"] > 1.0
 
 
+def test_precision_recall_by_class_splits_the_overall_numbers():
+    g = torch.Generator().manual_seed(3)
+    centres = torch.stack([torch.zeros(8), torch.full((8,), 10.0), torch.full((8,), -10.0)])
+    ref_labels = torch.tensor([0] * 60 + [1] * 40 + [2] * 2)  # class 2: too few images to have a k-NN radius
+    reference = centres[ref_labels] + torch.randn(102, 8, generator=g)
+    gen_labels = torch.tensor([0] * 50 + [1] * 30)
+    generated = centres[gen_labels] + torch.randn(80, 8, generator=g)
+    generated[50:] += 20.0  # the samples drawn for class 1 miss it: they land far from every real image
+    split = M.precision_recall_by_class(generated, reference, gen_labels, ref_labels, prc_neighborhood=3)
+    assert set(split["recall_by_class"]) == set(split["precision_by_class"]) == {"0", "1"}
+    assert split["recall_by_class"]["0"] > 0.7 and split["recall_by_class"]["1"] == 0.0
+    assert split["precision_by_class"]["0"] > 0.7 and split["precision_by_class"]["1"] == 0.0
+    # the count-weighted means are the overall numbers (the 2 images of class 2 are far from every sample)
+    overall = M.metrics_from_features(generated, reference, prc_neighborhood=3)
+    assert (60 * split["recall_by_class"]["0"] + 40 * split["recall_by_class"]["1"]) / 102 == pytest.approx(overall["recall"])
+    assert (50 * split["precision_by_class"]["0"] + 30 * split["precision_by_class"]["1"]) / 80 == pytest.approx(overall["precision"])
+    assert "precision_by_class" not in M.precision_recall_by_class(generated, reference, None, ref_labels)
+
+
 def test_tiny_extractor_is_deterministic_and_grey_equals_repeated_rgb(halves):
     a = halves[0][:8]
     f1 = M.TinyRandomConv(M.TINY, ["64"])(a)[0]

@@ -65,6 +65,10 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert metrics["sample"]["seeds"] == ev["sample_sets"] == 2 and ev["per_set"]["fid"][0] == ev["fid"]
     assert ev["per_set"]["fid"][1] != ev["fid"] and ev["fid_mean"] == pytest.approx(np.mean(ev["per_set"]["fid"]))
     assert ev["recall_std"] == pytest.approx(np.std(ev["per_set"]["recall"], ddof=1))
+    # by class (a conditional prior: 20 samples of each of the 10 classes): the split adds up to the overall numbers
+    assert set(ev["precision_by_class"]) == set(ev["recall_by_class"]) == {str(c) for c in range(10)}
+    assert np.mean(list(ev["precision_by_class"].values())) == pytest.approx(ev["precision"])
+    assert ev["floor_recall_by_class"] == ref["floor_recall_by_class"] and len(ref["floor_recall_by_class"]) == 10
 
     # the sweep: one scored point per grid point, the best by FID named; the point with the `sample` settings
     # draws the very same samples as `sample` (same seed), so it scores exactly what `evaluate` scored

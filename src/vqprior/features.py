@@ -12,10 +12,11 @@ import torch_fidelity
 from .config import EvaluateParams
 from .data.images import read_images
 from .io import atomic_path
-from .metrics import INCEPTION, extract_features, feature_layer, metrics_from_features
+from .metrics import INCEPTION, extract_features, feature_layer, metrics_from_features, precision_recall_by_class
 
 TEST_FEATURES = Path("data/reference/test_features.npy")
 TRAIN_FEATURES = Path("data/reference/train_features.npy")
+TEST_IMAGES = Path("data/prepared/test.parquet")  # the reference set: its first `evaluate.num_reference` images
 
 
 def read_uint8_images(path: str | Path, limit: int | None = None) -> torch.Tensor:
@@ -32,19 +33,31 @@ def timed_features(images: torch.Tensor, *, batch_size: int, device: str, extrac
     return feats, time.perf_counter() - t0
 
 
+def read_labels(path: str | Path, limit: int | None = None) -> torch.Tensor:
+    """The labels (-1: none) of the first `limit` images of a prepared split."""
+    return torch.from_numpy(read_images(path, limit=limit).labels)
+
+
 def score(images: torch.Tensor, reference: torch.Tensor, *, batch_size: int, prc_neighborhood: int, device: str,
-          extractor: str = INCEPTION, bf16: bool = False) -> dict:
-    """FID, KID, precision, recall of `images` against cached `reference` features, and the extraction's speed."""
+          extractor: str = INCEPTION, bf16: bool = False, labels: torch.Tensor | None = None,
+          reference_labels: torch.Tensor | None = None) -> dict:
+    """FID, KID, precision, recall of `images` against cached `reference` features, and the extraction's speed.
+    With `reference_labels` also recall by real class and, with the images' own `labels`, precision by class."""
     feats, seconds = timed_features(images, batch_size=batch_size, device=device, extractor=extractor, bf16=bf16)
     metrics = metrics_from_features(feats, reference, prc_neighborhood=prc_neighborhood, kid=True)
+    if reference_labels is not None:
+        metrics |= precision_recall_by_class(feats, reference, labels, reference_labels, prc_neighborhood=prc_neighborhood)
     return metrics | {"seconds": round(seconds, 1), "images_per_second": round(len(images) / seconds, 1)}
 
 
-def score_samples(images: torch.Tensor, cfg: EvaluateParams, device: str) -> dict:
-    """`score` of generated images against the cached test features, with the protocol that makes it comparable."""
+def score_samples(images: torch.Tensor, cfg: EvaluateParams, device: str, by_class: bool = False,
+                  labels: torch.Tensor | None = None) -> dict:
+    """`score` of generated images against the cached test features, with the protocol that makes it comparable;
+    `by_class` adds precision and recall by class (`labels`: the samples' classes, None for an unconditional prior)."""
     reference = load_features()
     metrics = score(images, reference, batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood,
-                    device=device, bf16=cfg.inception_bf16)
+                    device=device, bf16=cfg.inception_bf16, labels=labels,
+                    reference_labels=read_labels(TEST_IMAGES, limit=len(reference)) if by_class else None)
     return metrics | {
         "feature_extractor": INCEPTION, "feature_layer": feature_layer(INCEPTION),
         "reference_split": "test", "reference_images": f"first {len(reference)} of the prepared test split",

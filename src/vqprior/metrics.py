@@ -30,7 +30,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.metric_prc import calculate_precision_recall_part, prc_features_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
@@ -258,6 +258,39 @@ def metrics_from_features(
         out |= kid_features_to_metric(generated, reference, kid_subset_size=_kid_subset_size(n_gen, n_ref),
                                       verbose=False)
     return _plain_metrics(out, kid) | {"num_samples": n_gen, "num_reference": n_ref}
+
+
+def precision_recall_by_class(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    generated_labels: torch.Tensor | None,
+    reference_labels: torch.Tensor,
+    *,
+    prc_neighborhood: int = 3,
+) -> dict:
+    """The precision and recall of ``metrics_from_features`` split by class, by torch-fidelity's own k-NN test.
+
+    A real class's recall is the share of its images inside the manifold of all generated samples; a generated
+    class's precision the share of its samples inside the manifold of all real images (the manifolds are those of
+    the overall numbers, so the count-weighted means of the classes are the overall recall and precision). Says which
+    classes a model misses. Without ``generated_labels`` (an unconditional prior): recall only. Classes with no more
+    than ``prc_neighborhood`` images on their side are left out.
+    """
+    generated, reference = generated.detach().cpu().float(), reference.detach().cpu().float()
+
+    def split(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {str(c): labels == c for c in labels.unique().tolist()
+                if c >= 0 and int((labels == c).sum()) > prc_neighborhood}
+
+    # calculate_precision_recall_part(gen, real) measures recall over `real`'s rows against `gen`'s manifold and
+    # precision over `gen`'s rows against `real`'s: each call below keeps the half whose manifold is the whole set
+    out = {"recall_by_class": {c: calculate_precision_recall_part(generated, reference[rows], prc_neighborhood)[1]
+                               for c, rows in split(reference_labels).items()}}
+    if generated_labels is not None:
+        out["precision_by_class"] = {
+            c: calculate_precision_recall_part(generated[rows], reference, prc_neighborhood)[0]
+            for c, rows in split(generated_labels).items()}
+    return out
 
 
 def _check_counts(n_gen: int, n_ref: int, prc_neighborhood: int) -> None:
