@@ -1,6 +1,7 @@
 """evaluate: FID, KID, precision and recall of the samples against the cached test features (torch-fidelity, TF
 Inception). Only the samples go through Inception; the real set's features come from the `reference` stage, and the
-data floor (`reference`) and the VQ-VAE ceiling (`reconstruction_fid`) are copied beside the result for scale.
+data floor (`reference`) and the VQ-VAE's ceilings (`reconstruction_fid`: rFID, and the perfect-prior ceiling, what
+samples of the training codes' exact distribution would score) are copied beside the result for scale.
 
 Precision and recall are also split by class (`recall_by_class`: each real class's share inside the samples' manifold;
 `precision_by_class`: each sampled class's share inside the real one), beside the floor's split from `reference`:
@@ -25,10 +26,11 @@ from vqprior.models.classifier import CLASSIFIER
 from vqprior.runtime import resolve_runtime
 
 
-def read_metric(path: str, key: str, stage: str) -> float:
+def read_metrics(path: str, stage: str, keys) -> dict:
     if not Path(path).exists():
         raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
-    return json.loads(Path(path).read_text())[key]
+    metrics = json.loads(Path(path).read_text())
+    return {k: metrics[k] for k in keys}
 
 
 def read_samples(path: str | Path, stage: str) -> torch.Tensor:
@@ -45,7 +47,8 @@ def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighbor
                               feature_extractor_weights_path="models/classifier.pt") for x in (generated, reference)]
     m = metrics_from_features(*feats, prc_neighborhood=prc_neighborhood)
     return {f"classifier_{k}": m[k] for k in ("fid", "precision", "recall", "f_score")} | {
-        "classifier_test_accuracy": read_metric("metrics/train_classifier.json", "test_accuracy", "train_classifier")}
+        "classifier_test_accuracy": read_metrics("metrics/train_classifier.json", "train_classifier",
+                                                 ["test_accuracy"])["test_accuracy"]}
 
 
 def seed_spread(headline: dict, cfg, device: str) -> dict:
@@ -69,25 +72,27 @@ def main() -> None:
         labels = torch.from_numpy(np.load(labels_file)) if labels_file.exists() else None
         print(f"evaluate: {len(generated)} samples vs the cached test features, {INCEPTION}")
         metrics = score_samples(generated, p.evaluate, str(runtime.device), by_class=True, labels=labels)
-        metrics |= {
-            "floor_fid": read_metric("metrics/reference.json", "floor_fid", "reference"),
-            "rfid": read_metric("metrics/reconstruction.json", "rfid", "reconstruction_fid"),
-            "floor_recall_by_class": read_metric("metrics/reference.json", "floor_recall_by_class", "reference"),
-        }
+        metrics |= read_metrics("metrics/reference.json", "reference",
+                                [f"floor_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
+        metrics |= read_metrics("metrics/reconstruction.json", "reconstruction_fid",
+                                ["rfid"] + [f"prior_ceiling_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
         metrics |= seed_spread(metrics, p.evaluate, str(runtime.device))
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
                                       str(runtime.device))
         write_json_atomic("metrics/evaluate.json", metrics)
         run.log_metrics(metrics)
         run.log_artifact("metrics/evaluate.json")
-        print(f"evaluate: FID {metrics['fid']:.2f} (floor {metrics['floor_fid']:.2f}, rFID {metrics['rfid']:.2f}), "
-              f"precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} ({metrics['seconds']:.0f}s, "
+        print(f"evaluate: FID {metrics['fid']:.2f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
+              f"(floor {metrics['floor_fid']:.2f} / {metrics['floor_precision']:.3f} / {metrics['floor_recall']:.3f}; "
+              f"perfect-prior ceiling {metrics['prior_ceiling_fid']:.2f} / {metrics['prior_ceiling_precision']:.3f} / "
+              f"{metrics['prior_ceiling_recall']:.3f}; rFID {metrics['rfid']:.2f}) ({metrics['seconds']:.0f}s, "
               f"{metrics['images_per_second']:.1f} images/s); classifier space: FID {metrics['classifier_fid']:.2f}, "
               f"precision {metrics['classifier_precision']:.3f}, recall {metrics['classifier_recall']:.3f}")
         if metrics["recall_by_class"]:
-            floor = metrics["floor_recall_by_class"]
-            print("evaluate: recall by class (floor): " + ", ".join(
-                f"{c} {v:.3f} ({floor[c]:.3f})" if c in floor else f"{c} {v:.3f}" for c, v in metrics["recall_by_class"].items()))
+            floor, ceiling = metrics["floor_recall_by_class"], metrics["prior_ceiling_recall_by_class"]
+            print("evaluate: recall by class (perfect-prior ceiling, floor): " + ", ".join(
+                f"{c} {v:.3f} ({ceiling.get(c, float('nan')):.3f}, {floor.get(c, float('nan')):.3f})"
+                for c, v in metrics["recall_by_class"].items()))
         if metrics["sample_sets"] > 1:
             print(f"evaluate: over {metrics['sample_sets']} sample sets (`sample.seeds`), mean ± std: "
                   f"FID {metrics['fid_mean']:.2f} ± {metrics['fid_std']:.2f}, precision {metrics['precision_mean']:.3f} "

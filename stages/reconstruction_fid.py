@@ -1,19 +1,24 @@
-"""reconstruction_fid: rFID, the ceiling the VQ-VAE sets for the whole pipeline.
+"""reconstruction_fid: the two ceilings the VQ-VAE sets for the whole pipeline.
 
-The VQ-VAE's reconstructions of the first `evaluate.num_reference` test images against those images' cached
-features (from `reference`): a prior can at best produce samples as good as what the decoder can draw. A stage of
-its own because it depends on models/vqvae.pt only: retraining the prior or resampling does not re-run it, and
-retraining the VQ-VAE does not re-extract the real images' features.
+- rFID: the VQ-VAE's reconstructions of the first `evaluate.num_reference` test images against those same images'
+  cached features. Each real image has its own reconstruction beside it, so this ceiling is an optimistic one
+  (recall especially: every real image is covered by its own reconstruction).
+- The perfect-prior ceiling (`prior_ceiling_*`): the reconstructions of the floor's train images (the first
+  `evaluate.num_reference` of the train split, other images than the reference) against the test features. That is
+  what a prior that reproduced the training codes' distribution exactly would score: the floor (`reference`, the same
+  train images unreconstructed) minus what the decoder loses. A sampled model's FID / precision / recall are best
+  read against it.
+
+A stage of its own because it depends on models/vqvae.pt only: retraining the prior or resampling does not re-run it,
+and retraining the VQ-VAE does not re-extract the real images' features.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.features import load_features, read_uint8_images, score
+from vqprior.features import TEST_IMAGES, TRAIN_IMAGES, load_features, read_labelled_images, score
 from vqprior.io import write_json_atomic
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
@@ -39,16 +44,27 @@ def main() -> None:
     with tracked_run("reconstruction_fid", p) as run:
         reference = load_features()  # before the model: a missing reference stage fails first
         model, _ = load_vqvae("models/vqvae.pt", runtime.device)
-        recon = reconstruct(model, read_uint8_images(Path("data/prepared/test.parquet"), limit=len(reference)), runtime)
-        print(f"reconstruction_fid: {len(recon)} VQ-VAE reconstructions of test images vs their cached features")
-        r = score(recon, reference, batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood,
-                  device=str(runtime.device), bf16=cfg.inception_bf16)
+        test, test_labels = read_labelled_images(TEST_IMAGES, limit=len(reference))
+        train, train_labels = read_labelled_images(TRAIN_IMAGES, limit=len(reference))
+        print(f"reconstruction_fid: VQ-VAE reconstructions of {len(test)} test images (rFID) and of {len(train)} "
+              "train images (the perfect-prior ceiling) vs the cached test features")
+        kw = dict(batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood, device=str(runtime.device),
+                  bf16=cfg.inception_bf16)
+        r = score(reconstruct(model, test, runtime), reference, **kw)
+        c = score(reconstruct(model, train, runtime), reference, labels=train_labels, reference_labels=test_labels, **kw)
+        seconds = r["seconds"] + c["seconds"]
         metrics = {"rfid": r["fid"], "rprecision": r["precision"], "rrecall": r["recall"], "rkid": r["kid"],
-                   "num_images": len(recon), "seconds": r["seconds"], "images_per_second": r["images_per_second"]}
+                   "num_images": len(test),
+                   "prior_ceiling_fid": c["fid"], "prior_ceiling_precision": c["precision"],
+                   "prior_ceiling_recall": c["recall"], "prior_ceiling_kid": c["kid"],
+                   "prior_ceiling_recall_by_class": c["recall_by_class"],
+                   "prior_ceiling_precision_by_class": c["precision_by_class"], "num_train": len(train),
+                   "seconds": round(seconds, 1), "images_per_second": r["images_per_second"]}  # Inception's speed
         write_json_atomic("metrics/reconstruction.json", metrics)
         run.log_metrics(metrics)
-        print(f"reconstruction_fid: rFID {r['fid']:.2f}, precision {r['precision']:.3f}, recall {r['recall']:.3f} "
-              f"({r['seconds']:.0f}s)")
+        print(f"reconstruction_fid: rFID {r['fid']:.2f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}; "
+              f"perfect-prior ceiling FID {c['fid']:.2f}, precision {c['precision']:.3f}, recall {c['recall']:.3f} "
+              f"({seconds:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -6,17 +6,13 @@ distribution) would score under the same protocol and sample count.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.features import (TEST_FEATURES, TRAIN_FEATURES, read_labels, read_uint8_images, save_features,
-                              timed_features)
+from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, read_labelled_images,
+                              save_features, timed_features)
 from vqprior.io import write_json_atomic
 from vqprior.metrics import INCEPTION, metrics_from_features, precision_recall_by_class
 from vqprior.runtime import resolve_runtime
-
-PREPARED = Path("data/prepared")
 
 
 def main() -> None:
@@ -24,8 +20,8 @@ def main() -> None:
     cfg = p.evaluate
     runtime = resolve_runtime(p.compute)
     with tracked_run("reference", p) as run:
-        test = read_uint8_images(PREPARED / "test.parquet", limit=cfg.num_reference)
-        train = read_uint8_images(PREPARED / "train.parquet", limit=cfg.num_reference)
+        test, test_labels = read_labelled_images(TEST_IMAGES, limit=cfg.num_reference)
+        train, train_labels = read_labelled_images(TRAIN_IMAGES, limit=cfg.num_reference)
         if min(len(test), len(train)) < cfg.num_reference:
             print(f"reference: only {len(test)} test / {len(train)} train images, fewer than "
                   f"evaluate.num_reference={cfg.num_reference}")
@@ -36,8 +32,7 @@ def main() -> None:
         save_features(TEST_FEATURES, f_test)
         save_features(TRAIN_FEATURES, f_train)
         floor = metrics_from_features(f_train, f_test, prc_neighborhood=cfg.prc_neighborhood, kid=True)
-        floor |= precision_recall_by_class(f_train, f_test, read_labels(PREPARED / "train.parquet", limit=len(train)),
-                                           read_labels(PREPARED / "test.parquet", limit=len(test)),
+        floor |= precision_recall_by_class(f_train, f_test, train_labels, test_labels,
                                            prc_neighborhood=cfg.prc_neighborhood)
         seconds = s_test + s_train
         metrics = {

@@ -13,11 +13,12 @@ from conftest import ROOT
 from test_metrics import fashion_like
 from stages import evaluate, reconstruction_fid, reference
 from vqprior import features, metrics as M
-from vqprior.config import ClassifierModelParams, VQVAEModelParams
+from vqprior.config import ClassifierModelParams, VQVAEModelParams, load_params
 from vqprior.data.images import write_images
 from vqprior.models import save_model
 from vqprior.models.classifier import CLASSIFIER, Classifier
-from vqprior.models.vqvae import VQVAE
+from vqprior.models.vqvae import VQVAE, load_vqvae
+from vqprior.runtime import resolve_runtime
 
 N = 40
 
@@ -79,15 +80,29 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     rec = json.loads(open("metrics/reconstruction.json").read())
     assert {"rfid", "rprecision", "rrecall", "num_images", "seconds"} <= rec.keys() and rec["num_images"] == N
     assert rec["rfid"] > 0
+    # the perfect-prior ceiling: the floor's train images (not the reference ones) reconstructed, vs the test features
+    vqvae, _ = load_vqvae("models/vqvae.pt", torch.device("cpu"))
+    runtime = resolve_runtime(load_params().compute)
+    ceiling = M.fidelity_metrics(reconstruction_fid.reconstruct(vqvae, repo["train"], runtime), repo["test"],
+                                 extractor=M.TINY, kid=True)
+    paired = M.fidelity_metrics(reconstruction_fid.reconstruct(vqvae, repo["test"], runtime), repo["test"],
+                                extractor=M.TINY)
+    assert rec["num_train"] == N and rec["rfid"] == pytest.approx(paired["fid"], rel=1e-6)
+    for key in ("fid", "precision", "recall", "kid"):
+        assert rec[f"prior_ceiling_{key}"] == pytest.approx(ceiling[key], rel=1e-6, abs=1e-12), key
+    assert rec["prior_ceiling_fid"] != pytest.approx(rec["rfid"])  # other images than rFID's
+    assert rec["prior_ceiling_recall_by_class"] == {"0": pytest.approx(ceiling["recall"], rel=1e-6)}
+    assert rec["prior_ceiling_precision_by_class"] == {"0": pytest.approx(ceiling["precision"], rel=1e-6)}
 
     ev = json.loads(open("metrics/evaluate.json").read())
     direct = M.fidelity_metrics(repo["samples"], repo["test"], extractor=M.TINY, kid=True)
     for key in ("fid", "precision", "recall", "f_score", "kid"):
         assert ev[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-12), key
     assert ev["floor_fid"] == ref["floor_fid"] and ev["rfid"] == rec["rfid"]
+    for key in ("fid", "precision", "recall", "recall_by_class"):  # both scales copied beside the result
+        assert ev[f"floor_{key}"] == ref[f"floor_{key}"] and ev[f"prior_ceiling_{key}"] == rec[f"prior_ceiling_{key}"]
     # by class: one class here; the samples have no labels (no labels.npy: an unconditional prior), so recall only
     assert ev["recall_by_class"] == {"0": pytest.approx(direct["recall"], rel=1e-6)} and "precision_by_class" not in ev
-    assert ev["floor_recall_by_class"] == ref["floor_recall_by_class"]
     assert ev["num_samples"] == ev["num_reference"] == N and ev["images_per_second"] > 0 and "seconds" in ev
     assert {"feature_extractor", "feature_layer", "reference_split", "prc_neighborhood", "torch_fidelity_version"} <= ev.keys()
     assert ev["inception_precision"] == ref["inception_precision"] == "bf16"

@@ -54,6 +54,9 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert 0 < ref["floor_fid"] < rec["rfid"] < 400  # real vs real beats the VQ-VAE's reconstructions
     assert 0 <= ref["floor_precision"] <= 1 and 0 <= rec["rprecision"] <= 1 and 0 <= rec["rrecall"] <= 1
     assert ev["floor_fid"] == ref["floor_fid"] and ev["rfid"] == rec["rfid"]  # copied beside the FID
+    # the perfect-prior ceiling: the floor's train images through the VQ-VAE lose to the real ones
+    assert rec["num_train"] == 200 and ref["floor_fid"] < rec["prior_ceiling_fid"] == ev["prior_ceiling_fid"]
+    assert len(rec["prior_ceiling_recall_by_class"]) == 10 and 0 <= rec["prior_ceiling_recall"] <= 1
     assert {"kid", "seconds", "images_per_second"} <= ev.keys() and ev["images_per_second"] > 0
     # the second feature space: a classifier trained on the labels (1 epoch of 2,700 images here)
     assert metrics["train_classifier"]["test_accuracy"] > 0.5  # 10 classes: chance is 0.1

@@ -17,12 +17,19 @@ from .metrics import INCEPTION, extract_features, feature_layer, metrics_from_fe
 TEST_FEATURES = Path("data/reference/test_features.npy")
 TRAIN_FEATURES = Path("data/reference/train_features.npy")
 TEST_IMAGES = Path("data/prepared/test.parquet")  # the reference set: its first `evaluate.num_reference` images
+TRAIN_IMAGES = Path("data/prepared/train.parquet")  # the floor's set: its first `evaluate.num_reference` images
+
+
+def read_labelled_images(path: str | Path, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `limit` images of a prepared split as uint8 N x C x H x W (torch-fidelity's layout) and their
+    labels (-1: none)."""
+    split = read_images(path, limit=limit)
+    images = torch.from_numpy(split.images.copy()).permute(0, 3, 1, 2).contiguous()  # Parquet buffers are read-only
+    return images, torch.from_numpy(split.labels)
 
 
 def read_uint8_images(path: str | Path, limit: int | None = None) -> torch.Tensor:
-    """The first `limit` images of a prepared split as uint8 N x C x H x W (torch-fidelity's layout)."""
-    images = read_images(path, limit=limit).images
-    return torch.from_numpy(images.copy()).permute(0, 3, 1, 2).contiguous()  # Parquet buffers are read-only
+    return read_labelled_images(path, limit)[0]
 
 
 def timed_features(images: torch.Tensor, *, batch_size: int, device: str, extractor: str = INCEPTION,
@@ -34,8 +41,7 @@ def timed_features(images: torch.Tensor, *, batch_size: int, device: str, extrac
 
 
 def read_labels(path: str | Path, limit: int | None = None) -> torch.Tensor:
-    """The labels (-1: none) of the first `limit` images of a prepared split."""
-    return torch.from_numpy(read_images(path, limit=limit).labels)
+    return read_labelled_images(path, limit)[1]
 
 
 def score(images: torch.Tensor, reference: torch.Tensor, *, batch_size: int, prc_neighborhood: int, device: str,
