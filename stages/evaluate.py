@@ -56,11 +56,12 @@ def seed_spread(headline: dict, cfg, device: str) -> dict:
     with the next seeds (`sample.seeds`): a difference between two runs smaller than this is sampling noise. (Not KID:
     its `kid_std` is torch-fidelity's spread over subsets of one set.)"""
     sets = [headline] + [score_samples(read_samples(f, "sample"), cfg, device) for f in extra_sample_sets("data/samples")]
+    keys = ("fid", "precision", "recall")
     spread = {"sample_sets": len(sets)}
-    for key in ("fid", "precision", "recall"):
+    for key in keys:
         values = np.array([s[key] for s in sets])
         spread |= {f"{key}_mean": float(values.mean()), f"{key}_std": float(values.std(ddof=1)) if len(sets) > 1 else 0.0}
-    return spread | {"per_set": {key: [s[key] for s in sets] for key in ("fid", "precision", "recall")}}
+    return spread | {"per_set": {key: [s[key] for s in sets] for key in keys}}
 
 
 def main() -> None:
