@@ -10,15 +10,11 @@ import itertools
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-
-from stages._tracking import tracked_run  # noqa: E402
-from vqprior.config import SweepParams, load_params  # noqa: E402
-from vqprior.io import atomic_path, write_json_atomic  # noqa: E402
-from vqprior.plots import write_csv  # noqa: E402
+from stages._tracking import tracked_run
+from vqprior.config import SweepParams, load_params
+from vqprior.figures import plt, save_figure
+from vqprior.io import write_json_atomic
+from vqprior.plots import write_csv
 
 POINTS = Path("data/sweep")
 COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "kid", "precision", "recall", "f_score", "num_samples",
@@ -64,10 +60,7 @@ def plot(points: list[dict], best: int, path: str | Path) -> None:
                 label=f"top_k {k}, top_p {p}, guidance {g}")
     ft.set(xlabel="temperature", ylabel="FID", title="FID vs temperature")
     ft.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ def test_order_of_the_real_dvc_yaml_expands_the_sweep_grid():
     points = [f"sweep_point@{t}-{k}-{p}-{g}" for t in grid.temperature for k in grid.top_k for p in grid.top_p
               for g in grid.guidance]
     assert stage_order(REPO) == [
-        "prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
+        "prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "analyse_prior", "sample",
         "evaluate", *points, "sweep"]
 
 

@@ -11,7 +11,7 @@ from conftest import run
 
 # profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [0, 20] x top_p [1.0] x guidance [1.0]
 POINTS = ["sweep_point@1.0-0-1.0-1.0", "sweep_point@1.0-20-1.0-1.0"]
-STAGES = ["prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "sample",
+STAGES = ["prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "analyse_prior", "sample",
           "evaluate", *POINTS, "sweep"]
 
 
@@ -44,6 +44,13 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert metrics["train_vqvae"]["test_mse"] < 0.05 and metrics["train_vqvae"]["epochs"] == 3
     assert metrics["extract_codes"]["images"] == 3500
     assert 0 < metrics["train_prior"]["val_nll"] < np.log(64)  # better than uniform over 64 codes
+    # where the prior's NLL goes: its per-code val NLL averages to train_prior's own (the saved, best weights)
+    nll = json.loads((smoke_repo / "metrics/analyse_prior.json").read_text())
+    assert nll["val_nll"] == pytest.approx(metrics["train_prior"]["val_nll"], abs=2e-3)
+    assert np.shape(nll["val_nll_by_position"]) == (7, 7)
+    assert np.mean(nll["val_nll_by_position"]) == pytest.approx(nll["val_nll"], abs=1e-3)
+    assert 0 < nll["flat_share"] < 1 and nll["num_val"] == nll["num_train"] == 300 and len(nll["gap_by_class"]) == 10
+    assert (smoke_repo / "reports/prior_nll_map.png").stat().st_size > 1000
     ev = metrics["evaluate"]
     assert {"fid", "precision", "recall", "num_samples", "num_reference", "feature_extractor"} <= ev.keys()
     assert ev["num_samples"] == 200 and ev["num_reference"] == 200
