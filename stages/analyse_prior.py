@@ -73,7 +73,7 @@ def summarise(val: torch.Tensor, train: torch.Tensor, flat: np.ndarray, val_labe
         "val_nll": round(float(val.mean()), 4), "train_nll": round(float(train.mean()), 4),
         "gap": round(float(val.mean() - train.mean()), 4),
         "val_nats_per_image": round(float(val.sum(1).mean()), 2),
-        "val_nll_by_position": val.mean(0).reshape(grid).numpy().round(3).tolist(),
+        "val_nll_by_position": val.mean(0).double().reshape(grid).numpy().round(3).tolist(),
         "flat_share": round(float(flat.mean()), 4),
         "val_nll_flat": round(float(val[flat_t].mean()), 4) if flat.any() else None,
         "val_nll_detail": round(float(val[~flat_t].mean()), 4) if (~flat).any() else None,
