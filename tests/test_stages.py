@@ -2,6 +2,7 @@
 import sys
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -25,12 +26,16 @@ def test_bad_param_stops_the_stage_with_one_line(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # stopped before tracking or any work
 
 
-def test_missing_input_names_the_stage_to_run(tmp_path):
+@pytest.mark.parametrize("name, message", [
+    ("train_prior", "error: data/codes/train.parquet not found; run `dvc repro extract_codes` first"),
+    ("analyse_prior", "error: models/prior.pt not found; run `dvc repro train_prior` first"),
+])
+def test_missing_input_names_the_stage_to_run(tmp_path, name, message):
     (tmp_path / "params.yaml").write_text((ROOT / "profiles/smoke.yaml").read_text())
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
-    result = stage("train_prior", tmp_path)
+    result = stage(name, tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "error: data/codes/train.parquet not found; run `dvc repro extract_codes` first"
+    assert result.stderr.strip().splitlines()[-1] == message
 
 
 def test_prior_trains_on_flipped_rows_under_their_own_tag(tmp_path):
