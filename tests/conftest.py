@@ -12,6 +12,15 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def require_fashion_mnist() -> Path:
+    """Debian's Fashion-MNIST folder; tests that check real-data numbers fail without it (never skip quietly)."""
+    from vqprior.data.sources import DEBIAN_FASHION_MNIST
+    if not (DEBIAN_FASHION_MNIST / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"Fashion-MNIST IDX files not found under {DEBIAN_FASHION_MNIST}: run `make data` "
+                    "(installs Debian's dataset-fashion-mnist), as `make test` does", pytrace=False)
+    return DEBIAN_FASHION_MNIST
+
+
 def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     """A working copy of the project as a user would clone it (tracked + new files), with `params` as params.yaml."""

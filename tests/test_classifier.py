@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, require_fashion_mnist
 from stages import train_classifier
 from vqprior import metrics as M
 from vqprior.data.images import write_images
@@ -46,8 +46,7 @@ def write_repo(root, labels=True):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The stage run once in process (MLflow stubbed); the test images and their labels."""
-    if not DEBIAN_FASHION_MNIST.exists():
-        pytest.skip("needs the Debian dataset-fashion-mnist files")
+    require_fashion_mnist()
     root = tmp_path_factory.mktemp("clf")
     write_repo(root)
     run = _Run()
@@ -79,8 +78,7 @@ def test_stage_learns_far_above_chance_and_writes_metrics(trained):
 
 
 def test_unlabelled_data_stops_with_one_line(tmp_path, monkeypatch):
-    if not DEBIAN_FASHION_MNIST.exists():
-        pytest.skip("needs the Debian dataset-fashion-mnist files")
+    require_fashion_mnist()
     write_repo(tmp_path, labels=False)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train_classifier, "tracked_run", lambda name, p: contextlib.nullcontext(_Run()))

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from conftest import copy_repo, run
+from conftest import copy_repo, require_fashion_mnist, run
 from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_idx_dataset
 
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -26,8 +26,8 @@ def write_folder(root, n=1200):
     (root / "coat" / "again.png").write_bytes((root / "coat").glob("*.png").__next__().read_bytes())
 
 
-@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make installs it)")
 def test_smoke_dag_on_an_image_folder(tmp_path):
+    require_fashion_mnist()
     repo = copy_repo(tmp_path / "repo")
     write_folder(tmp_path / "images")
     params = yaml.safe_load((repo / "params.yaml").read_text())

@@ -1,40 +1,18 @@
 """Metrics through torch-fidelity: the cheap tiny-random-conv extractor for behaviour, one real Inception check."""
 import gzip
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import require_fashion_mnist
 from vqprior import metrics as M
-
-FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-
-
-def synthetic_garments(n: int, seed: int) -> torch.Tensor:
-    """Structured 28x28 images (tops, trousers, bags) for machines without Fashion-MNIST."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
-    out = torch.zeros(n, 1, 28, 28)
-    for i in range(n):
-        cy, cx, s = (torch.tensor([14.0, 14.0, 1.0]) + torch.randn(3, generator=g) * torch.tensor([1.5, 1.5, 0.1])).tolist()
-        kind, tone = torch.randint(3, (1,), generator=g).item(), 120 + 120 * torch.rand(1, generator=g).item()
-        if kind == 0:  # top: body plus sleeves
-            m = ((yy - cy).abs() < 10 * s) & ((xx - cx).abs() < 6 * s) | ((yy - cy + 7 * s).abs() < 3) & ((xx - cx).abs() < 12 * s)
-        elif kind == 1:  # trousers: two legs
-            m = ((yy - cy).abs() < 12 * s) & (((xx - cx).abs() - 3 * s).abs() < 2.5 * s)
-        else:  # bag: ellipse with a handle
-            r = ((yy - cy - 3) / (7 * s)) ** 2 + ((xx - cx) / (10 * s)) ** 2
-            m = (r < 1) | ((((yy - cy + 5) / 5) ** 2 + ((xx - cx) / 5) ** 2 - 1).abs() < 0.25)
-        out[i, 0] = m.float() * tone * (0.8 + 0.2 * torch.rand(28, 28, generator=g))
-    return out.round().to(torch.uint8)
 
 
 def fashion_like(n: int, offset: int = 0) -> torch.Tensor:
-    """n Fashion-MNIST test images from offset if the Debian files are here, else structured synthetic ones."""
-    if not FASHION.exists():
-        return synthetic_garments(n, seed=offset)
-    images = np.frombuffer(gzip.open(FASHION).read(), np.uint8, offset=16).reshape(-1, 1, 28, 28)
+    """n Fashion-MNIST test images from offset (real images: the thresholds below were measured on them)."""
+    images = np.frombuffer(gzip.open(require_fashion_mnist() / "t10k-images-idx3-ubyte.gz").read(), np.uint8,
+                           offset=16).reshape(-1, 1, 28, 28)
     return torch.from_numpy(images[offset : offset + n].copy())
 
 

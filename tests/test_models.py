@@ -24,6 +24,24 @@ def test_codebook_stats_on_hand_made_counts():
     assert perplexity == pytest.approx(math.exp(-(0.9 * math.log(0.9) + 0.1 * math.log(0.1))))
 
 
+def test_vqvae_evaluation_counts_codes_over_the_whole_set_not_a_batch():
+    from stages.train_vqvae import evaluate_vqvae
+    from vqprior.config import ComputeParams
+    from vqprior.runtime import resolve_runtime
+    torch.manual_seed(0)
+    model = VQVAE(SMALL_VQ.model_copy(update={"codebook_size": 256})).train()
+    x = torch.rand(10, 1, 28, 28) * 2 - 1
+    model(x)  # k-means on these 490 encoder outputs: more codes in use than one batch of 147 can reach
+    model.eval()
+    out = evaluate_vqvae(model, x, 3, resolve_runtime(ComputeParams(device="cpu", precision="fp32")))  # 3+3+3+1
+    recon, codes, _ = model(x)
+    per_batch = max(len(codes[i : i + 3].unique()) for i in range(0, 10, 3))
+    assert out["codebook_usage"] == len(codes.unique()) / 256 > per_batch / 256
+    assert out["perplexity"] == pytest.approx(codebook_stats(torch.bincount(codes.flatten(), minlength=256))[1])
+    mse = (((recon.clamp(-1, 1) - x) / 2) ** 2).mean().item()  # [-1, 1] -> [0, 1] units
+    assert out["mse"] == pytest.approx(mse, rel=1e-5) and out["psnr"] == pytest.approx(-10 * math.log10(mse), rel=1e-6)
+
+
 def test_quantizer_initialises_from_data_and_snaps_to_nearest():
     torch.manual_seed(0)
     q = EMAQuantizer(codebook_size=32, dim=4)
@@ -34,7 +52,9 @@ def test_quantizer_initialises_from_data_and_snaps_to_nearest():
     assert len(codes.unique()) > 16  # started on data, so most codes are in use at once
     q.eval()
     quantised, codes, commit = q(z)
-    assert quantised.shape == z.shape and codes.shape == (8, 4, 4) and commit.item() >= 0
+    assert quantised.shape == z.shape and codes.shape == (8, 4, 4)
+    assert commit.item() == pytest.approx(0.25 * torch.nn.functional.mse_loss(z, quantised).item(), rel=1e-5)
+    assert commit.item() > 0  # the data are not all on codes
     flat = z.permute(0, 2, 3, 1).reshape(-1, 4)
     brute = torch.cdist(flat, q.codebook).argmin(1)
     assert torch.equal(codes.flatten(), brute)
@@ -75,8 +95,9 @@ def test_dead_code_is_restarted_on_encoder_outputs():
     q.embed_sum[5] = 1e6
     for _ in range(3):
         q(z)
-    assert q.restarts >= 1
-    assert q.codebook[5].abs().max() < 100  # moved back among the data
+    assert q.restarts >= 1 and q.steps_unused[5] == 0
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 2)
+    assert (flat == q.codebook[5]).all(1).any()  # moved onto one of the encoder outputs
 
 
 def test_ema_update_sums_in_fp32_under_bf16_autocast():
@@ -127,8 +148,10 @@ def test_checkpoints_round_trip(tmp_path):
     save_model(tmp_path / "prior.pt", prior, vocab=16, length=49, grid=[7, 7])
     vq2, _ = load_vqvae(tmp_path / "vq.pt")
     prior2, state = load_prior(tmp_path / "prior.pt")
-    assert all(torch.equal(a, b) for a, b in zip(vq.state_dict().values(), vq2.state_dict().values()))
-    assert state["grid"] == [7, 7] and prior2.vocab == 16
+    for before, after in ((vq, vq2), (prior, prior2)):
+        a, b = before.state_dict(), after.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert state["grid"] == [7, 7] and prior2.vocab == 16 and prior2.length == 49
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(SystemExit, match="not a readable checkpoint"):
         load_vqvae(tmp_path / "bad.pt")
@@ -289,6 +312,8 @@ def test_augmentation_tag_marks_flipped_rows_and_sampling_draws_originals(tmp_pa
 def test_guidance_one_is_plain_conditional_and_zero_is_unconditional():
     torch.manual_seed(0)
     prior = Prior(COND_PRIOR, vocab=16, length=8).eval()
+    with torch.no_grad():  # at init (std 0.02) the class tokens move the logits too little to change a draw
+        prior.cls.weight.mul_(50)
     labels = torch.tensor([0, 1, 2, 0, 1])
 
     def draw(**kw):
@@ -296,6 +321,7 @@ def test_guidance_one_is_plain_conditional_and_zero_is_unconditional():
 
     conditional = draw(labels=labels)
     assert torch.equal(draw(labels=labels, guidance=1.0), conditional)
+    assert not torch.equal(conditional, draw())  # the labels are used at the default guidance
     # guidance 0 runs the batched 2n path and keeps only its null-class half: plain unconditional sampling
     assert torch.equal(draw(labels=labels, guidance=0.0), draw())
     assert not torch.equal(draw(labels=labels, guidance=3.0), conditional)
@@ -316,7 +342,11 @@ def test_guided_greedy_sampling_follows_the_mixed_logits():
         cond, uncond = prior(seq, labels=labels)[0][:, -1], prior(seq)[0][:, -1]
         seq = torch.cat([seq, (uncond + 2.5 * (cond - uncond)).argmax(-1, keepdim=True)], 1)
     assert torch.equal(guided, seq[:, 1:])
-    assert not torch.equal(guided, sample_codes(prior, 6, labels=labels, top_k=1))
+    plain = sample_codes(prior, 6, labels=labels, top_k=1)  # guidance 1: greedy on the conditional logits alone
+    seq = torch.full((6, 1), 16)
+    for _ in range(8):
+        seq = torch.cat([seq, prior(seq, labels=labels)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(plain, seq[:, 1:]) and not torch.equal(guided, plain)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

@@ -65,9 +65,12 @@ def test_checkpoint_from_other_params_is_not_resumed(tmp_path, capsys):
     short = P.model_copy(update={"epochs": 2})
     fit(model, 64, step, evaluate, short, CPU, seed=1, checkpoint=ckpt, monitor="loss", fingerprint="lr=0.01")
     model, step, evaluate = make_problem()
-    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss", fingerprint="lr=0.02")
-    assert "ignoring" in capsys.readouterr().out
-    assert result.epochs == 4 and len(result.history) == 4  # started afresh, not from epoch 2
+    epochs_run = []
+    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss", fingerprint="lr=0.02",
+                 on_epoch=lambda epoch, metrics: epochs_run.append(epoch))
+    out = capsys.readouterr().out
+    assert "ignoring" in out and "resuming" not in out
+    assert epochs_run == [1, 2, 3, 4] and len(result.history) == 4  # started afresh, not from epoch 2
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
@@ -80,10 +83,22 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
         return (loss * float("nan"), stats) if calls["n"] > 6 else (loss, stats)
 
     ckpt = tmp_path / "c.pt"
-    with pytest.raises(TrainingDiverged) as info:
-        fit(model, 64, poisoned, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss")
+    after_epoch_1 = {}
+
+    def snapshot(epoch, metrics):
+        if epoch == 1:
+            after_epoch_1.update({k: v.clone() for k, v in model.state_dict().items()})
+
+    with pytest.raises(TrainingDiverged) as info:  # 4 steps per epoch: the 7th step, in epoch 2, is NaN
+        fit(model, 64, poisoned, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss", on_epoch=snapshot)
     assert "loss is nan" in str(info.value.code) and str(ckpt) in str(info.value.code)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 1  # the good epoch survives
+    saved = torch.load(ckpt, weights_only=False)
+    assert saved["epoch"] == 1  # the good epoch survives, with its weights, not the NaN step's
+    for k, v in saved["model"].items():
+        assert torch.isfinite(v).all() and torch.equal(v, after_epoch_1[k]), k
+    model, step, evaluate = make_problem()  # and a healthy re-run resumes from it
+    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss")
+    assert result.epochs == 4 and result.history[0] == saved["history"][0]
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -101,6 +116,11 @@ def test_early_stopping_after_patience_epochs_without_improvement(tmp_path):
         return {"loss": next(val_losses)}
 
     p = P.model_copy(update={"epochs": 6, "patience": 2})
-    result = fit(model, 64, step, evaluate, p, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss")
+    weights = {}
+    result = fit(model, 64, step, evaluate, p, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss",
+                 on_epoch=lambda epoch, metrics: weights.update({epoch: {k: v.clone() for k, v in model.state_dict().items()}}))
     assert result.stopped_early and result.epochs == 4
     assert result.best["epoch"] == 2 and result.best["val_loss"] == 0.5
+    final = model.state_dict()  # the best epoch's weights are restored, not the last epoch's
+    assert all(torch.equal(final[k], weights[2][k]) for k in final)
+    assert not all(torch.equal(final[k], weights[4][k]) for k in final)
