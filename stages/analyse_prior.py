@@ -106,8 +106,11 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     with tracked_run("analyse_prior", p) as run:
         t0 = time.perf_counter()
-        prior, _ = load_prior("models/prior.pt", runtime.device)
+        prior, prior_state = load_prior("models/prior.pt", runtime.device)
         val, train = read_codes(CODES / "val.parquet", False), read_codes(CODES / "train.parquet", False)
+        if prior_state.get("vqvae_sha256", val.meta["vqvae_sha256"]) != val.meta["vqvae_sha256"]:
+            raise SystemExit(f"error: models/prior.pt was trained on codes of another VQ-VAE than {CODES}'s; "
+                             "run `dvc repro train_prior`")
         images = read_images(PREPARED / "val.parquet").images[val.index]  # the val grids' own images, row for row
         print(f"analyse_prior: teacher-forced NLL of {len(val.codes)} val grids and as many train grids "
               f"({val.grid[0]}x{val.grid[1]}, {runtime.device} {runtime.precision})")

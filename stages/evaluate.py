@@ -25,11 +25,15 @@ from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
 from vqprior.models.classifier import CLASSIFIER
 from vqprior.runtime import resolve_runtime
 
+CLASSIFIER_WEIGHTS = "models/classifier.pt"
+
 
 def read_metrics(path: str, stage: str, keys) -> dict:
     if not Path(path).exists():
         raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
     metrics = json.loads(Path(path).read_text())
+    if missing := [k for k in keys if k not in metrics]:
+        raise SystemExit(f"error: {path} lacks {', '.join(missing)} (written by older code?); re-run `dvc repro {stage}`")
     return {k: metrics[k] for k in keys}
 
 
@@ -44,18 +48,16 @@ def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighbor
     """FID / precision / recall in the classifier's feature space: the samples vs the same first test images."""
     reference = read_uint8_images(TEST_IMAGES, limit=num_reference)
     feats = [extract_features(x, extractor=CLASSIFIER, batch_size=500, device=device,
-                              feature_extractor_weights_path="models/classifier.pt") for x in (generated, reference)]
+                              feature_extractor_weights_path=CLASSIFIER_WEIGHTS) for x in (generated, reference)]
     m = metrics_from_features(*feats, prc_neighborhood=prc_neighborhood)
-    return {f"classifier_{k}": m[k] for k in ("fid", "precision", "recall", "f_score")} | {
-        "classifier_test_accuracy": read_metrics("metrics/train_classifier.json", "train_classifier",
-                                                 ["test_accuracy"])["test_accuracy"]}
+    return {f"classifier_{k}": m[k] for k in ("fid", "precision", "recall", "f_score")}
 
 
-def seed_spread(headline: dict, cfg, device: str) -> dict:
+def seed_spread(headline: dict, extra_sets: list[torch.Tensor], cfg, device: str) -> dict:
     """Mean and standard deviation of FID, precision and recall over the headline set and the extra sets `sample` drew
     with the next seeds (`sample.seeds`): a difference between two runs smaller than this is sampling noise. (Not KID:
     its `kid_std` is torch-fidelity's spread over subsets of one set.)"""
-    sets = [headline] + [score_samples(read_samples(f, "sample"), cfg, device) for f in extra_sample_sets("data/samples")]
+    sets = [headline] + [score_samples(images, cfg, device) for images in extra_sets]
     keys = ("fid", "precision", "recall")
     spread = {"sample_sets": len(sets)}
     for key in keys:
@@ -68,18 +70,31 @@ def main() -> None:
     p = load_params()
     runtime = resolve_runtime(p.compute)
     with tracked_run("evaluate", p) as run:
-        generated = read_samples("data/samples/images.npy", "sample")
+        # every input read and checked before minutes of Inception
+        sets = {path: read_samples(path, "sample") for path in [Path("data/samples/images.npy"),
+                                                                *extra_sample_sets("data/samples")]}
+        generated, *extra_sets = sets.values()
         labels_file = Path("data/samples/labels.npy")  # a conditional prior's sample classes
         labels = torch.from_numpy(np.load(labels_file)) if labels_file.exists() else None
+        real_shape = tuple(read_uint8_images(TEST_IMAGES, limit=1).shape[1:])
+        for path, images in sets.items():
+            if tuple(images.shape[1:]) != real_shape:
+                raise SystemExit(f"error: {path} holds images of {tuple(images.shape[1:])} (C, H, W) but the test "
+                                 f"split's are {real_shape}; re-run `dvc repro sample`")
+        if not Path(CLASSIFIER_WEIGHTS).exists():
+            raise SystemExit(f"error: {CLASSIFIER_WEIGHTS} not found; run `dvc repro train_classifier` first")
+        context = read_metrics("metrics/reference.json", "reference",
+                               [f"floor_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
+        context |= read_metrics("metrics/reconstruction.json", "reconstruction_fid",
+                                ["rfid"] + [f"prior_ceiling_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
+        accuracy = read_metrics("metrics/train_classifier.json", "train_classifier", ["test_accuracy"])["test_accuracy"]
         print(f"evaluate: {len(generated)} samples vs the cached test features, {INCEPTION}")
         metrics = score_samples(generated, p.evaluate, str(runtime.device), by_class=True, labels=labels)
-        metrics |= read_metrics("metrics/reference.json", "reference",
-                                [f"floor_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
-        metrics |= read_metrics("metrics/reconstruction.json", "reconstruction_fid",
-                                ["rfid"] + [f"prior_ceiling_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
-        metrics |= seed_spread(metrics, p.evaluate, str(runtime.device))
+        metrics |= context
+        metrics |= seed_spread(metrics, extra_sets, p.evaluate, str(runtime.device))
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
                                       str(runtime.device))
+        metrics["classifier_test_accuracy"] = accuracy
         write_json_atomic("metrics/evaluate.json", metrics)
         run.log_metrics(metrics)
         run.log_artifact("metrics/evaluate.json")

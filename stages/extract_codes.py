@@ -31,7 +31,10 @@ def main() -> None:
         model, state = load_vqvae("models/vqvae.pt", runtime.device)
         h, w, _ = state["image_shape"]
         gh, gw = model.grid_size(h, w)
-        stats = load_stats(PREPARED)
+        stats = load_stats(PREPARED, needs=("image_shape", "counts", "sha256"))
+        if list(stats["image_shape"]) != list(state["image_shape"]):
+            raise SystemExit(f"error: models/vqvae.pt was trained on {state['image_shape']} (H, W, C) images but "
+                             f"{PREPARED} holds {stats['image_shape']}; run `dvc repro train_vqvae`")
         meta = {
             "grid_height": gh, "grid_width": gw, "codebook_size": model.config.codebook_size, "image_shape": state["image_shape"],
             "vqvae_sha256": file_sha256("models/vqvae.pt"), "data_sha256": stats["sha256"],

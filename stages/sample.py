@@ -12,11 +12,9 @@ import numpy as np
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.io import extra_sample_set, extra_sample_sets, save_npy, write_json_atomic
-from vqprior.models.prior import load_prior
-from vqprior.models.vqvae import load_vqvae
 from vqprior.plots import save_sample_grid
 from vqprior.runtime import resolve_runtime
-from vqprior.sampling import generate
+from vqprior.sampling import generate, load_generator
 
 OUT = Path("data/samples")
 
@@ -26,8 +24,7 @@ def main() -> None:
     cfg = p.sample
     runtime = resolve_runtime(p.compute)
     with tracked_run("sample", p) as run:
-        prior, prior_state = load_prior("models/prior.pt", runtime.device)
-        vqvae, _ = load_vqvae("models/vqvae.pt", runtime.device)
+        prior, prior_state, vqvae = load_generator("models/prior.pt", "models/vqvae.pt", runtime.device)
 
         def draw(seed: int):
             return generate(prior, vqvae, tuple(prior_state["grid"]), runtime, num_samples=cfg.num_samples,

@@ -16,11 +16,9 @@ from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import score_samples
 from vqprior.io import save_npy, write_json_atomic
-from vqprior.models.prior import load_prior
-from vqprior.models.vqvae import load_vqvae
 from vqprior.plots import save_sample_grid
 from vqprior.runtime import resolve_runtime
-from vqprior.sampling import generate
+from vqprior.sampling import generate, load_generator
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,8 +44,7 @@ def main(argv=None) -> None:
     with tracked_run("sweep_point", p) as run:
         run.set_tags({f"sweep.{k}": v for k, v in point.items()})
         run.log_metrics(point)
-        prior, prior_state = load_prior("models/prior.pt", runtime.device)
-        vqvae, _ = load_vqvae("models/vqvae.pt", runtime.device)
+        prior, prior_state, vqvae = load_generator("models/prior.pt", "models/vqvae.pt", runtime.device)
         out = generate(prior, vqvae, tuple(prior_state["grid"]), runtime, num_samples=cfg.num_samples,
                        batch_size=cfg.batch_size, seed=p.seed, **point)
         save_npy(args.out / "images.npy", out.images.numpy())

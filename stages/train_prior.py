@@ -46,9 +46,14 @@ def main() -> None:
         x_val = torch.from_numpy(val.codes.reshape(len(val.codes), -1).astype("int64"))
         classes = cfg.model.num_classes
         y_train, y_val = (torch.from_numpy(train.labels), torch.from_numpy(val.labels)) if classes else (None, None)
-        if classes and (top := int(max(train.labels.max(), val.labels.max()))) >= classes:
-            raise SystemExit(f"error: train_prior.model.num_classes is {classes} but the codes hold labels up to {top}; "
-                             "raise it, or set 0 for an unconditional prior")
+        if classes:  # sampling draws every class, so each must have been trained
+            top = int(max(train.labels.max(), val.labels.max()))
+            if top < 0:
+                raise SystemExit(f"error: train_prior.model.num_classes is {classes} but the codes carry no labels; "
+                                 "set it to 0 for an unconditional prior")
+            if top + 1 != classes:
+                raise SystemExit(f"error: train_prior.model.num_classes is {classes} but the codes hold labels 0..{top}; "
+                                 f"set it to {top + 1}, or 0 for an unconditional prior")
         # flipped rows get their own tag (0: original images, the kind sampling draws)
         kinds = ["none", *sorted(set(train.augmentation) - {"none"})]
         a_train = torch.zeros(len(x_train), dtype=torch.long)

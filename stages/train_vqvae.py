@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +20,9 @@ from vqprior.training import fingerprint, fit
 
 PREPARED = Path("data/prepared")
 CHECKPOINT = Path("checkpoints/train_vqvae.pt")  # resume state; removed once the stage finishes
+# per-epoch grids are drawn beside the checkpoint and moved to EPOCH_GRIDS at the end: DVC deletes a stage's outputs
+# before it re-runs, so a resumed run would otherwise lose the grids of the epochs before the crash
+EPOCH_GRIDS_DRAFT, EPOCH_GRIDS = Path("checkpoints/train_vqvae_epochs"), Path("reports/vqvae_epochs")
 
 
 @torch.no_grad()
@@ -41,13 +45,15 @@ def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int, runtime) -> d
             "codebook_usage": usage, "perplexity": perplexity}
 
 
-def reconstruction_grid(model: VQVAE, x: torch.Tensor, path: str, runtime) -> None:
-    """Originals in odd rows, their reconstructions beneath them."""
+def reconstruction_grid(model: VQVAE, x: torch.Tensor, path: str | Path, runtime, most: int = 32) -> None:
+    """Up to `most` images in rows of 8 (fewer when the set is smaller), each row's reconstructions beneath it."""
+    per_row = min(8, len(x))
+    x = x[: min(most, len(x)) // per_row * per_row]
     with torch.no_grad(), runtime.autocast():
         recon = model(x.to(runtime.device))[0].cpu()
     to_uint8 = model.normalisation.to_uint8
-    pairs = torch.stack([to_uint8(x).view(-1, 8, *x.shape[1:]), to_uint8(recon).view(-1, 8, *x.shape[1:])], dim=1)
-    save_grid(pairs.reshape(-1, *x.shape[1:]), path, nrow=8)
+    rows = [to_uint8(t).view(-1, per_row, *x.shape[1:]) for t in (x, recon)]
+    save_grid(torch.stack(rows, dim=1).reshape(-1, *x.shape[1:]), path, nrow=per_row)
 
 
 def main() -> None:
@@ -56,11 +62,15 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)
     with tracked_run("train_vqvae", p) as run:
-        stats = load_stats(PREPARED)
+        stats = load_stats(PREPARED, needs=("normalisation", "sha256"))
         norm = Normalisation.from_dict(stats["normalisation"])
         train, val, test = (read_images(PREPARED / f"{s}.parquet") for s in ("train", "val", "test"))
         x_train, x_val, x_test = (norm.to_model(s.images) for s in (train, val, test))
         h, w, c = train.shape
+        if h % 2 ** cfg.model.downsamples or w % 2 ** cfg.model.downsamples:
+            fits = max(d for d in range(5) if h % 2 ** d == 0 and w % 2 ** d == 0)
+            raise SystemExit(f"error: {h}x{w} images do not halve evenly {cfg.model.downsamples} times "
+                             f"(train_vqvae.model.downsamples); use at most {fits}, or another data.image_size")
         model = VQVAE(cfg.model, in_channels=c, normalisation=norm).to(runtime.device)
         runtime.maybe_compile(model.encoder, model.decoder)  # the quantiser's data-dependent updates stay eager
         print(f"train_vqvae: {len(x_train)} images {h}x{w}x{c} -> {model.grid_size(h, w)} codes, "
@@ -78,8 +88,10 @@ def main() -> None:
             metrics["train_psnr"] = 10 * math.log10(1 / max(metrics["train_mse"], 1e-12))
             metrics["dead_code_restarts"], model.quantizer.restarts = model.quantizer.restarts, 0
             run.log_epoch(epoch, metrics)
-            grid = f"reports/vqvae_epochs/epoch_{epoch:03d}.png"
-            reconstruction_grid(model, x_val[:32], grid, runtime)
+            if epoch == 1:  # a fresh start: no grids of an earlier, abandoned run
+                shutil.rmtree(EPOCH_GRIDS_DRAFT, ignore_errors=True)
+            grid = EPOCH_GRIDS_DRAFT / f"epoch_{epoch:03d}.png"
+            reconstruction_grid(model, x_val, grid, runtime)
             run.log_artifact(grid, "reconstructions")
 
         result = fit(
@@ -98,7 +110,11 @@ def main() -> None:
         }
         write_json_atomic("metrics/train_vqvae.json", metrics)
         write_history_csv("plots/train_vqvae.csv", result.history)
-        reconstruction_grid(model, x_val[:32], "reports/vqvae_reconstructions.png", runtime)  # the best epoch's
+        reconstruction_grid(model, x_val, "reports/vqvae_reconstructions.png", runtime)  # the best epoch's
+        shutil.rmtree(EPOCH_GRIDS, ignore_errors=True)
+        EPOCH_GRIDS.parent.mkdir(parents=True, exist_ok=True)
+        EPOCH_GRIDS_DRAFT.mkdir(parents=True, exist_ok=True)  # (none if resumed from a run of older code)
+        EPOCH_GRIDS_DRAFT.replace(EPOCH_GRIDS)
         run.log_artifact("reports/vqvae_reconstructions.png")
         run.log_metrics(metrics)
         run.log_artifact("plots/train_vqvae.csv")

@@ -69,3 +69,16 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("seed: [1, 2\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_model_shapes_that_would_crash_later_are_refused_up_front():
+    msg = _error({"train_vqvae": {"model": {"channels": 100}}})  # GroupNorm(8, 50) would fail in the stage
+    assert "train_vqvae.model" in msg and "[50, 100]" in msg and "multiple of 8" in msg and "try 16" in msg
+    assert parse_params({"train_vqvae": {"model": {"channels": 48, "downsamples": 2}}}).train_vqvae.model.widths == [24, 48]
+    assert "train_vqvae.model.codebook_size" in _error({"train_vqvae": {"model": {"codebook_size": 4}}})  # top-5
+
+
+@pytest.mark.parametrize("key, section", [("num_reference", "evaluate"), ("num_samples", "sample")])
+def test_sets_smaller_than_the_knn_neighbourhood_are_refused(key, section):
+    msg = _error({section: {key: 3}, "evaluate": {"prc_neighborhood": 3} | ({key: 3} if section == "evaluate" else {})})
+    assert f"{section}.{key} is 3" in msg and "prc_neighborhood (3)" in msg

@@ -163,3 +163,16 @@ def test_stl10_binary_is_read_column_major(tmp_path):
     (tmp_path / "test_X.bin").write_bytes((tmp_path / "test_X.bin").read_bytes()[:-10])
     with pytest.raises(DataError, match="re-download STL-10"):
         load_stl10(tmp_path)
+
+
+def test_stats_file_missing_corrupt_or_partial_names_prepare(tmp_path):
+    from vqprior.data.images import load_stats
+    with pytest.raises(SystemExit, match=r"stats.json not found; run `dvc repro prepare` first"):
+        load_stats(tmp_path)
+    (tmp_path / "stats.json").write_text("{")
+    with pytest.raises(SystemExit, match=r"stats.json is not valid JSON; re-run `dvc repro prepare`"):
+        load_stats(tmp_path)
+    (tmp_path / "stats.json").write_text('{"sha256": {"train": "ab"}}')
+    assert load_stats(tmp_path)["sha256"] == {"train": "ab"}
+    with pytest.raises(SystemExit, match=r"stats.json lacks normalisation \(written by older code\?\)"):
+        load_stats(tmp_path, needs=("normalisation", "sha256"))

@@ -135,3 +135,20 @@ def test_evaluate_reports_the_spread_over_the_extra_sample_sets(repo):
 def test_evaluate_without_reference_names_the_stage(repo):
     with pytest.raises(SystemExit, match="dvc repro reference"):
         evaluate.main()
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda: np.save("data/samples/images_seed1235.npy", np.zeros((N, 1, 32, 32), np.uint8)),
+     "error: data/samples/images_seed1235.npy holds images of (1, 32, 32) (C, H, W) but the test split's are (1, 28, 28); "
+     "re-run `dvc repro sample`"),
+    (lambda: open("metrics/train_classifier.json", "w").write("{}"),
+     "error: metrics/train_classifier.json lacks test_accuracy (written by older code?); re-run `dvc repro train_classifier`"),
+])
+def test_evaluate_checks_every_input_before_any_inception(repo, monkeypatch, break_it, message):
+    reference.main()
+    reconstruction_fid.main()
+    break_it()
+    monkeypatch.setattr(features, "score", lambda *a, **k: pytest.fail("scored before the inputs were checked"))
+    with pytest.raises(SystemExit) as info:
+        evaluate.main()
+    assert str(info.value.code) == message

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -400,3 +401,19 @@ def test_temperature_sharpens():
     cold = filter_logits(logits, temperature=0.5).softmax(-1)
     hot = filter_logits(logits, temperature=2.0).softmax(-1)
     assert cold[0, 0] > logits.softmax(-1)[0, 0] > hot[0, 0]
+
+
+def test_prior_and_vqvae_from_different_runs_are_refused(tmp_path):
+    from vqprior.data.images import file_sha256
+    from vqprior.sampling import load_generator
+    vq, prior = tmp_path / "vq.pt", tmp_path / "prior.pt"
+    save_model(vq, VQVAE(SMALL_VQ), in_channels=1, image_shape=[28, 28, 1])
+    save_model(prior, Prior(SMALL_PRIOR, vocab=16, length=49), vocab=16, length=49, grid=[7, 7], vqvae_sha256=file_sha256(vq))
+    assert load_generator(prior, vq, "cpu")[0].vocab == 16  # the matching pair loads
+    message = f"error: {prior} was trained on the codes of another {vq}; run `dvc repro train_prior`"
+    save_model(vq, VQVAE(SMALL_VQ), in_channels=1, image_shape=[28, 28, 1])  # the VQ-VAE retrained, the prior not
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        load_generator(prior, vq, "cpu")
+    save_model(prior, Prior(SMALL_PRIOR, vocab=32, length=49), vocab=32, length=49, grid=[7, 7])  # no hash, other vocab
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        load_generator(prior, vq, "cpu")

@@ -62,3 +62,36 @@ def test_prior_trains_on_flipped_rows_under_their_own_tag(tmp_path):
         tagged, _ = prior(start, labels=torch.tensor([3, 3]), augmentation=torch.tensor([0, 1]))
     # the first code has nothing but the tag to go on: original -> 1, flipped -> 5; no tag means original
     assert tagged[:, 0].argmax(-1).tolist() == [1, 5] and untagged[:, 0].argmax(-1).tolist() == [1, 1]
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.full(40, -1), "error: train_prior.model.num_classes is 10 but the codes carry no labels; set it to 0 for an "
+                      "unconditional prior"),
+    (np.arange(40) % 3, "error: train_prior.model.num_classes is 10 but the codes hold labels 0..2; set it to 3, or 0 "
+                        "for an unconditional prior"),
+])
+def test_conditional_prior_needs_every_class_in_the_codes(tmp_path, labels, message):
+    """Sampling draws each of num_classes classes: one the prior never saw would give untrained samples."""
+    (tmp_path / "params.yaml").write_text((ROOT / "profiles/smoke.yaml").read_text())  # num_classes: 10
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    meta = {"grid_height": 2, "grid_width": 3, "codebook_size": 8, "image_shape": [8, 12, 1],
+            "vqvae_sha256": "0" * 64, "data_sha256": "0" * 64, "augmentations": ["none"]}
+    for split in ("train", "val"):
+        with CodeWriter(tmp_path / f"data/codes/{split}.parquet", split, meta) as w:
+            w.write(np.ones((40, 2, 3)), labels, np.arange(40))
+    result = stage("train_prior", tmp_path)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1] == message
+    assert not (tmp_path / "models/prior.pt").exists()
+
+
+def test_image_side_that_does_not_halve_evenly_is_named(tmp_path):
+    params = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
+    params["train_vqvae"]["model"].update(downsamples=3, channels=64)  # 28 -> 14 -> 7 -> 3.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    assert run([sys.executable, "-m", "stages.prepare"], tmp_path, env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
+               timeout=300).returncode == 0
+    result = stage("train_vqvae", tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == ("error: 28x28 images do not halve evenly 3 times "
+                                                      "(train_vqvae.model.downsamples); use at most 2, or another data.image_size")

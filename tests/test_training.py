@@ -101,6 +101,14 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
     assert result.epochs == 4 and result.history[0] == saved["history"][0]
 
 
+def test_nan_validation_metric_stops_instead_of_becoming_the_best(tmp_path):
+    model, step, _ = make_problem()
+    val_losses = iter([0.5, float("nan")])
+    with pytest.raises(TrainingDiverged, match=r"validation loss is nan after epoch 2"):
+        fit(model, 64, step, lambda: {"loss": next(val_losses)}, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss")
+    assert torch.load(tmp_path / "c.pt", weights_only=False)["epoch"] == 1
+
+
 def test_lr_schedule_warms_up_then_decays():
     values = [lr_factor(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

@@ -76,7 +76,7 @@ class VQVAEModelParams(Section):
     channels: int = Field(64, ge=8)
     res_blocks: int = Field(2, ge=0)
     downsamples: int = Field(2, ge=1, le=4)
-    codebook_size: int = Field(256, ge=2, le=65535)  # codes are stored as uint16
+    codebook_size: int = Field(256, ge=5, le=65535)  # codes are stored as uint16; the prior reports top-5 accuracy
     code_dim: int = Field(32, ge=2)
     ema_decay: float = Field(0.99, gt=0, lt=1)
     commitment: float = Field(0.25, ge=0)
@@ -84,6 +84,18 @@ class VQVAEModelParams(Section):
     kmeans_iters: int = Field(10, ge=0, description="k-means steps on the first batch's encoder outputs; 0 samples them")
     l2_normalize: bool = Field(False, description="look codes up by cosine similarity of l2-normalised vectors")
     recon_loss: Literal["mse", "l1"] = "mse"
+
+    @property
+    def widths(self) -> list[int]:
+        """Channels after each downsampling, the last at the code grid: half as wide per step up, at least 16."""
+        return [max(self.channels // 2 ** (self.downsamples - 1 - i), 16) for i in range(self.downsamples)]
+
+    @model_validator(mode="after")
+    def _widths_fit_groupnorm(self):
+        if any(w % 8 for w in [*self.widths, self.channels]):
+            raise ValueError(f"channels {self.channels} gives layer widths {self.widths}: each must be a multiple of 8 "
+                             f"(GroupNorm's 8 groups); try {8 * 2 ** (self.downsamples - 1)}, or a multiple of it")
+        return self
 
 
 class TrainVQVAEParams(Section):
@@ -184,6 +196,15 @@ class Params(Section):
     train_classifier: TrainClassifierParams = TrainClassifierParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _enough_images_for_knn(self):
+        k = self.evaluate.prc_neighborhood
+        for key, n in (("evaluate.num_reference", self.evaluate.num_reference), ("sample.num_samples", self.sample.num_samples)):
+            if n <= k:
+                raise ValueError(f"{key} is {n}, but precision/recall need more than evaluate.prc_neighborhood ({k}) "
+                                 "images per set: raise it")
+        return self
 
     @model_validator(mode="after")
     def _guidance_needs_classes(self):

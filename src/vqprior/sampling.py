@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .models.prior import KVCache, Prior
-from .models.vqvae import VQVAE
+from .data.images import file_sha256
+from .models.prior import KVCache, Prior, load_prior
+from .models.vqvae import VQVAE, load_vqvae
 from .runtime import Runtime
 
 
@@ -87,6 +88,18 @@ def sample_in_batches(prior: Prior, n: int, batch_size: int, seed: int, labels: 
             out.append(sample_codes(prior, size, generator=generator, labels=batch_labels, **kwargs).cpu())
             bar.update(len(out[-1]))
     return torch.cat(out)
+
+
+def load_generator(prior_path: str, vqvae_path: str, device) -> tuple[Prior, dict, VQVAE]:
+    """The prior, its checkpoint dict and the VQ-VAE whose codes it was trained on. A pair from different runs (the
+    VQ-VAE retrained, the prior not) would decode garbage, so it stops with one line."""
+    prior, state = load_prior(prior_path, device)
+    vqvae, _ = load_vqvae(vqvae_path, device)
+    trained_on = state.get("vqvae_sha256")  # train_prior records the hash of the VQ-VAE that made its codes
+    if (trained_on is not None and trained_on != file_sha256(vqvae_path)) or prior.vocab != vqvae.config.codebook_size:
+        raise SystemExit(f"error: {prior_path} was trained on the codes of another {vqvae_path}; "
+                         "run `dvc repro train_prior` (it re-extracts the codes first)")
+    return prior, state, vqvae
 
 
 @dataclass

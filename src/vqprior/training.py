@@ -128,6 +128,11 @@ def fit(
         model.eval()
         with torch.no_grad(), runtime.autocast():
             val = evaluate()
+        if not math.isfinite(val[monitor]):  # a NaN would never compare as worse and could become the "best" epoch
+            raise TrainingDiverged(
+                f"{desc}: validation {monitor} is {val[monitor]} after epoch {epoch + 1}; the last good checkpoint is kept "
+                f"at {checkpoint if checkpoint.exists() else '(none yet)'}; lower train.lr or train.grad_clip"
+            )
         metrics = {f"train_{k}": v / steps_per_epoch for k, v in sums.items()}
         metrics.update({f"val_{k}": v for k, v in val.items()})
         metrics["lr"] = opt.param_groups[0]["lr"]

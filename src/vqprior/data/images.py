@@ -208,8 +208,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_stats(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / "stats.json").read_text())
+def load_stats(folder: str | Path, needs: tuple[str, ...] = ("sha256",)) -> dict:
+    """prepare's summary of the prepared splits (shape, counts, normalisation, hashes), with the keys a stage `needs`."""
+    path = _existing(Path(folder) / "stats.json")
+    try:
+        stats = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise SystemExit(f"error: {path} is not valid JSON; re-run `dvc repro prepare`") from None
+    if missing := [k for k in needs if k not in stats]:
+        raise SystemExit(f"error: {path} lacks {', '.join(missing)} (written by older code?); re-run `dvc repro prepare`")
+    return stats
 
 
 def iter_image_batches(path: str | Path, batch_size: int):

@@ -29,7 +29,7 @@ class VQVAE(nn.Module):
         self.config = p
         self.normalisation = normalisation  # how pixels became inputs; decoding to pixels inverts it
         c = p.channels
-        widths = [max(c // 2 ** (p.downsamples - 1 - i), 16) for i in range(p.downsamples)]  # e.g. 32, 64
+        widths = p.widths  # e.g. 48, 96
         enc, prev = [], in_channels
         for w in widths:
             enc += [nn.Conv2d(prev, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU()]
