@@ -41,7 +41,11 @@ def read_samples(path: str | Path, stage: str) -> torch.Tensor:
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
-    return torch.from_numpy(np.load(path))
+    try:
+        return torch.from_numpy(np.load(path))
+    except (ValueError, OSError, EOFError) as exc:
+        raise SystemExit(f"error: {path} is not a readable .npy file ({exc.__class__.__name__}); "
+                         f"re-run `dvc repro {stage}`") from None
 
 
 def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighborhood: int, device: str) -> dict:

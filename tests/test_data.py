@@ -176,3 +176,19 @@ def test_stats_file_missing_corrupt_or_partial_names_prepare(tmp_path):
     assert load_stats(tmp_path)["sha256"] == {"train": "ab"}
     with pytest.raises(SystemExit, match=r"stats.json lacks normalisation \(written by older code\?\)"):
         load_stats(tmp_path, needs=("normalisation", "sha256"))
+
+
+def test_truncated_parquet_names_the_stage_that_writes_it(tmp_path):
+    from vqprior.codes import read_codes
+    from vqprior.data.images import iter_image_batches, read_images, write_images
+    write_images(tmp_path / "train.parquet", np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int64))
+    good = (tmp_path / "train.parquet").read_bytes()
+    (tmp_path / "train.parquet").write_bytes(good[: len(good) // 2])  # a copy cut short
+    message = f"error: {tmp_path / 'train.parquet'} is not a readable Parquet file (ArrowInvalid); re-run `dvc repro prepare`"
+    for read in (lambda p: read_images(p), lambda p: next(iter_image_batches(p, 2))):
+        with pytest.raises(SystemExit) as info:
+            read(tmp_path / "train.parquet")
+        assert str(info.value.code) == message
+    (tmp_path / "codes.parquet").write_text("not parquet")
+    with pytest.raises(SystemExit, match=r"codes.parquet is not a readable Parquet file \(ArrowInvalid\); re-run `dvc repro extract_codes`"):
+        read_codes(tmp_path / "codes.parquet")

@@ -109,6 +109,15 @@ def test_nan_validation_metric_stops_instead_of_becoming_the_best(tmp_path):
     assert torch.load(tmp_path / "c.pt", weights_only=False)["epoch"] == 1
 
 
+def test_unreadable_checkpoint_stops_with_one_line(tmp_path):
+    model, step, evaluate = make_problem()
+    (tmp_path / "c.pt").write_bytes(b"half a checkpoint")
+    with pytest.raises(SystemExit) as info:
+        fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss", desc="train_x")
+    assert str(info.value.code) == (f"error: train_x: {tmp_path / 'c.pt'} is not a readable checkpoint "
+                                    "(UnpicklingError); delete it to train from the start")
+
+
 def test_lr_schedule_warms_up_then_decays():
     values = [lr_factor(s, 100, 10) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)

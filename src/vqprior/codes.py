@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .data.images import labels_to_numpy
+from .data.images import labels_to_numpy, open_parquet
 from .io import atomic_path
 
 META_KEY = b"vqprior"
@@ -61,7 +61,11 @@ class CodeWriter:
         self.schema = code_schema(meta)
         self._atomic = atomic_path(path)
         self._tmp = self._atomic.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, self.schema)
+        except BaseException as err:  # the temp file goes too
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+            raise
         self.rows = 0
 
     def write(self, codes: np.ndarray, labels: np.ndarray, index: np.ndarray, augmentation: str = "none") -> None:
@@ -86,7 +90,11 @@ class CodeWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._writer.close()
+        try:
+            self._writer.close()
+        except BaseException as err:  # e.g. a full disk: the temp file goes too
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+            raise
         return self._atomic.__exit__(exc_type, exc, tb)
 
 
@@ -97,9 +105,7 @@ def read_meta(path: str | Path) -> dict:
 def read_codes(path: str | Path, augmentations: bool = True) -> CodeGrid:
     """Whole file to arrays, without a Python loop per row; `augmentations=False` keeps only the original images."""
     path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `dvc repro extract_codes` first")
-    if "augmentation" not in pq.read_schema(path).names:
+    if "augmentation" not in open_parquet(path, "extract_codes").schema_arrow.names:
         raise SystemExit(f"error: {path} predates the augmentation column; run `dvc repro extract_codes` again")
     table = pq.read_table(path, filters=None if augmentations else [("augmentation", "=", "none")])
     meta = json.loads(table.schema.metadata[META_KEY])

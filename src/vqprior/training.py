@@ -84,7 +84,11 @@ def fit(
     steps_per_epoch = max(1, train_size // p.batch_size)
     total = steps_per_epoch * p.epochs
     result, best_state, bad_epochs, start_epoch = FitResult(), None, 0, 0
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.exists() else None
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.exists() else None
+    except Exception as exc:  # writes are atomic, so only a damaged disk or a foreign file gets here
+        raise SystemExit(f"error: {desc}: {checkpoint} is not a readable checkpoint ({exc.__class__.__name__}); "
+                         "delete it to train from the start") from None
     if state is not None and state.get("fingerprint") != fingerprint:
         print(f"{desc}: ignoring {checkpoint}: it was written with other params or inputs")
         state = None

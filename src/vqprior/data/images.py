@@ -110,7 +110,11 @@ class SplitWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self._flush()
+            try:
+                self._flush()
+            except BaseException as err:  # e.g. a full disk: the temp file goes too
+                self._stack.__exit__(type(err), err, err.__traceback__)
+                raise
         return self._stack.__exit__(exc_type, exc, tb)
 
 
@@ -132,16 +136,25 @@ def labels_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return column.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _existing(path: str | Path) -> Path:
+def _existing(path: str | Path, stage: str = "prepare") -> Path:
     path = Path(path)
     if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `dvc repro prepare` first")
+        raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
     return path
 
 
+def open_parquet(path: str | Path, stage: str) -> pq.ParquetFile:
+    """A Parquet file a stage wrote; missing or unreadable (truncated, not Parquet) stops with one line naming `stage`."""
+    path = _existing(path, stage)
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise SystemExit(f"error: {path} is not a readable Parquet file ({exc.__class__.__name__}); "
+                         f"re-run `dvc repro {stage}`") from None
+
+
 def read_images(path: str | Path, limit: int | None = None) -> ImageSplit:
-    path = _existing(path)
-    table = pq.read_table(path)
+    table = open_parquet(path, "prepare").read()
     h, w, c = _image_shape(path, table.schema)
     if limit is not None:
         table = table.slice(0, limit)
@@ -222,8 +235,7 @@ def load_stats(folder: str | Path, needs: tuple[str, ...] = ("sha256",)) -> dict
 
 def iter_image_batches(path: str | Path, batch_size: int):
     """Stream (images N x H x W x C uint8, labels, index) batches from a prepared split: memory stays flat."""
-    path = _existing(path)
-    pf = pq.ParquetFile(path)
+    pf = open_parquet(path, "prepare")
     h, w, c = _image_shape(path, pf.schema_arrow)
     for batch in pf.iter_batches(batch_size=batch_size):
         pixels = batch.column("pixels").flatten().to_numpy(zero_copy_only=False)
