@@ -13,12 +13,23 @@ from vqprior.config import Params, load_params
 from vqprior.data.build import Deduplicator, array_images, plan, write_splits
 from vqprior.data.clean import CleanReport
 from vqprior.data.folder import DecodeSpec, decode_files, scan_folder
-from vqprior.data.images import Normalisation, file_sha256, read_images
+from vqprior.data.images import Normalisation, file_sha256, iter_image_batches, open_parquet
 from vqprior.data.sources import ARRAY_SOURCES, DataError, locate
 from vqprior.io import write_json_atomic
 from vqprior.plots import save_grid
 
 OUT = Path("data/prepared")
+
+
+def example_images(path: Path, seed: int, n: int = 64, batch_size: int = 8192) -> np.ndarray:
+    """n random images of a prepared split, streamed batch by batch: memory stays flat on large folders."""
+    rows = open_parquet(path, "prepare").metadata.num_rows
+    pick = np.sort(np.random.default_rng(seed).choice(rows, size=min(n, rows), replace=False))
+    found, start = [], 0
+    for images, _, _ in iter_image_batches(path, batch_size):
+        found.append(images[pick[(pick >= start) & (pick < start + len(images))] - start])
+        start += len(images)
+    return np.concatenate(found)
 
 
 def main() -> None:
@@ -54,9 +65,8 @@ def main() -> None:
         write_json_atomic(OUT / "stats.json", stats)
         summary = report.as_dict()
         write_json_atomic("reports/prepare.json", summary)
-        train = read_images(OUT / "train.parquet")
-        pick = np.random.default_rng(p.seed).choice(len(train), size=min(64, len(train)), replace=False)
-        save_grid(torch.from_numpy(train.images[np.sort(pick)]).permute(0, 3, 1, 2), "reports/prepare_examples.png", nrow=8)
+        save_grid(torch.from_numpy(example_images(OUT / "train.parquet", p.seed)).permute(0, 3, 1, 2),
+                  "reports/prepare_examples.png", nrow=8)
 
         metrics = {f"{k}_images": v for k, v in report.split_sizes.items()} | {"dropped_total": summary["dropped_total"]}
         write_json_atomic("metrics/prepare.json", metrics)

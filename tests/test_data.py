@@ -192,3 +192,13 @@ def test_truncated_parquet_names_the_stage_that_writes_it(tmp_path):
     (tmp_path / "codes.parquet").write_text("not parquet")
     with pytest.raises(SystemExit, match=r"codes.parquet is not a readable Parquet file \(ArrowInvalid\); re-run `dvc repro extract_codes`"):
         read_codes(tmp_path / "codes.parquet")
+
+
+def test_example_images_are_the_seeded_pick_streamed_batch_by_batch(tmp_path):
+    from stages.prepare import example_images
+    from vqprior.data.images import write_images
+    images = np.random.default_rng(0).integers(0, 256, (50, 4, 4, 1), dtype=np.uint8)
+    write_images(tmp_path / "train.parquet", images, np.zeros(50, np.int64))
+    pick = np.sort(np.random.default_rng(7).choice(50, size=20, replace=False))
+    assert np.array_equal(example_images(tmp_path / "train.parquet", 7, n=20, batch_size=3), images[pick])
+    assert len(example_images(tmp_path / "train.parquet", 7)) == 50  # a split under 64 images: all of them

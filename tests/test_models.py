@@ -143,6 +143,16 @@ def test_l1_reconstruction_loss_is_selectable():
     assert stats["mse"].item() == pytest.approx(((recon - x) ** 2).mean().item() / 4, rel=1e-5)
 
 
+def test_equal_models_save_to_equal_bytes(tmp_path):
+    """DVC hashes checkpoints: a re-run that trains the same weights must write the same file, or every stage
+    after it re-runs (torch.save names the archive inside after the random temporary file's name)."""
+    torch.manual_seed(0)
+    vq = VQVAE(SMALL_VQ)
+    save_model(tmp_path / "a.pt", vq, in_channels=1)
+    save_model(tmp_path / "b" / "vqvae.pt", vq, in_channels=1)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b" / "vqvae.pt").read_bytes()
+
+
 def test_checkpoints_round_trip(tmp_path):
     vq, prior = VQVAE(SMALL_VQ), Prior(SMALL_PRIOR, vocab=16, length=49)
     save_model(tmp_path / "vq.pt", vq, in_channels=1, image_shape=[28, 28, 1])

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainParams
-from .io import atomic_path
+from .models import save_state
 from .runtime import Runtime
 
 
@@ -118,7 +118,7 @@ def fit(
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}; the last good checkpoint is kept "
-                    f"at {checkpoint if checkpoint.exists() else '(none yet)'}; lower train.lr or raise train.grad_clip's strictness"
+                    f"at {checkpoint if checkpoint.exists() else '(none yet)'}; lower train.lr or train.grad_clip"
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -152,12 +152,11 @@ def fit(
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch_seconds")
         print(f"{desc} epoch {epoch + 1}/{p.epochs}  {shown}  ({metrics['epoch_seconds']:.0f}s)", flush=True)
         on_epoch(epoch + 1, metrics)
-        with atomic_path(checkpoint) as tmp:
-            torch.save({
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
-                "history": result.history, "best": result.best, "bad_epochs": bad_epochs,
-                "best_model": best_state, "epoch": epoch + 1, "seconds": result.seconds, "fingerprint": fingerprint,
-            }, tmp)
+        save_state({
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+            "history": result.history, "best": result.best, "bad_epochs": bad_epochs,
+            "best_model": best_state, "epoch": epoch + 1, "seconds": result.seconds, "fingerprint": fingerprint,
+        }, checkpoint)
     if bad_epochs >= p.patience and len(result.history) < p.epochs:
         result.stopped_early = True
     if best_state is not None:

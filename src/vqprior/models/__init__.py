@@ -10,8 +10,14 @@ from ..io import atomic_path
 
 def save_model(path: str | Path, model: torch.nn.Module, **extra) -> None:
     state = {"config": model.config.model_dump(), "state_dict": model.state_dict(), **extra}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_state(state, path)
+
+
+def save_state(state: dict, path: str | Path) -> None:
+    """torch.save, atomically and byte-reproducibly: given a file name, torch.save names the archive inside after it,
+    and the temporary name is random, so equal weights would hash differently and DVC would re-run what follows."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def read_checkpoint(path: str | Path, stage: str) -> dict:
