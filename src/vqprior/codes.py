@@ -16,8 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .data.images import labels_to_numpy, open_parquet
-from .io import atomic_path
+from .data.images import labels_to_numpy, open_parquet, open_parquet_writer
 
 META_KEY = b"vqprior"
 
@@ -59,13 +58,7 @@ class CodeWriter:
     def __init__(self, path: str | Path, split: str, meta: dict):
         self.split, self.meta = split, meta
         self.schema = code_schema(meta)
-        self._atomic = atomic_path(path)
-        self._tmp = self._atomic.__enter__()
-        try:
-            self._writer = pq.ParquetWriter(self._tmp, self.schema)
-        except BaseException as err:  # the temp file goes too
-            self._atomic.__exit__(type(err), err, err.__traceback__)
-            raise
+        self._stack, self._writer = open_parquet_writer(path, self.schema)
         self.rows = 0
 
     def write(self, codes: np.ndarray, labels: np.ndarray, index: np.ndarray, augmentation: str = "none") -> None:
@@ -90,12 +83,7 @@ class CodeWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        try:
-            self._writer.close()
-        except BaseException as err:  # e.g. a full disk: the temp file goes too
-            self._atomic.__exit__(type(err), err, err.__traceback__)
-            raise
-        return self._atomic.__exit__(exc_type, exc, tb)
+        return self._stack.__exit__(exc_type, exc, tb)
 
 
 def read_meta(path: str | Path) -> dict:

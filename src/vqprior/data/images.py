@@ -70,9 +70,7 @@ class SplitWriter:
         self._images, self._labels = [], []
 
     def __enter__(self) -> "SplitWriter":
-        self._stack = contextlib.ExitStack()
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self._writer = self._stack.enter_context(pq.ParquetWriter(tmp, self.schema))
+        self._stack, self._writer = open_parquet_writer(self.path, self.schema)
         return self
 
     def add(self, image: np.ndarray, label: int) -> None:
@@ -110,11 +108,9 @@ class SplitWriter:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            try:
+            with self._stack:  # a failing last flush (a full disk) reaches the stack too, so the temp file goes
                 self._flush()
-            except BaseException as err:  # e.g. a full disk: the temp file goes too
-                self._stack.__exit__(type(err), err, err.__traceback__)
-                raise
+            return False
         return self._stack.__exit__(exc_type, exc, tb)
 
 
@@ -141,6 +137,15 @@ def _existing(path: str | Path, stage: str = "prepare") -> Path:
     if not path.exists():
         raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
     return path
+
+
+def open_parquet_writer(path: str | Path, schema: pa.Schema) -> tuple[contextlib.ExitStack, pq.ParquetWriter]:
+    """A ParquetWriter on a temporary file that the returned stack closes and renames onto `path` when it exits
+    cleanly; on an error, here or at any later point, the temporary file goes."""
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_path(path))
+        writer = stack.enter_context(pq.ParquetWriter(tmp, schema))
+        return stack.pop_all(), writer
 
 
 def open_parquet(path: str | Path, stage: str) -> pq.ParquetFile:
