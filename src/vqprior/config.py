@@ -74,7 +74,9 @@ class TrainParams(Section):
 
 class VQVAEModelParams(Section):
     channels: int = Field(64, ge=8)
-    res_blocks: int = Field(2, ge=0)
+    res_blocks: int = Field(2, ge=0, description="residual blocks at the code grid's resolution in the decoder")
+    encoder_res_blocks: int | None = Field(None, ge=0, description="the encoder's; null: as many as the decoder's. "
+                                           "Fewer give more local codes (an easier prior) and faster extraction")
     downsamples: int = Field(2, ge=1, le=4)
     codebook_size: int = Field(256, ge=5, le=65535)  # codes are stored as uint16; the prior reports top-5 accuracy
     code_dim: int = Field(32, ge=2)

@@ -34,7 +34,8 @@ class VQVAE(nn.Module):
         for w in widths:
             enc += [nn.Conv2d(prev, w, 4, stride=2, padding=1), nn.GroupNorm(8, w), nn.GELU()]
             prev = w
-        enc += [nn.Conv2d(prev, c, 3, padding=1)] + [ResBlock(c) for _ in range(p.res_blocks)]
+        encoder_blocks = p.res_blocks if p.encoder_res_blocks is None else p.encoder_res_blocks
+        enc += [nn.Conv2d(prev, c, 3, padding=1)] + [ResBlock(c) for _ in range(encoder_blocks)]
         enc += [nn.GELU(), nn.Conv2d(c, p.code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
         self.quantizer = EMAQuantizer(p.codebook_size, p.code_dim, p.ema_decay, p.commitment, p.dead_code_steps,
