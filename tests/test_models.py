@@ -9,7 +9,7 @@ from vqprior.config import PriorModelParams, VQVAEModelParams
 from vqprior.models import save_model
 from vqprior.models.prior import KVCache, Prior, attention, load_prior
 from vqprior.models.quantizer import EMAQuantizer, codebook_stats
-from vqprior.models.vqvae import VQVAE, load_vqvae
+from vqprior.models.vqvae import VQVAE, ResBlock, load_vqvae
 from vqprior.sampling import draw, filter_logits, sample_codes
 
 SMALL_VQ = VQVAEModelParams(channels=16, res_blocks=1, downsamples=2, codebook_size=16, code_dim=8)
@@ -113,6 +113,15 @@ def test_ema_update_sums_in_fp32_under_bf16_autocast():
     sums = torch.stack([flat[codes == k].sum(0) for k in range(16)]).float()
     # a bf16 product would round each sum to ~3 significant digits (errors ~1e-2 here, 1e-4 after the decay)
     assert torch.allclose(q.embed_sum, 0.99 * embed_sum + 0.01 * sums, rtol=0, atol=2e-6)
+
+
+def test_encoder_res_blocks_set_the_encoder_depth_alone():
+    def blocks(seq):
+        return sum(isinstance(m, ResBlock) for m in seq)
+    default = VQVAE(SMALL_VQ.model_copy(update={"res_blocks": 2}))
+    light = VQVAE(SMALL_VQ.model_copy(update={"res_blocks": 2, "encoder_res_blocks": 0}))
+    assert (blocks(default.encoder), blocks(default.decoder)) == (2, 2)
+    assert (blocks(light.encoder), blocks(light.decoder)) == (0, 2)
 
 
 def test_vqvae_shapes_and_loss_falls_on_a_small_batch():
