@@ -86,6 +86,33 @@ def test_l2_normalised_lookup_keeps_unit_codes():
     assert torch.equal(q.eval()(z)[1].flatten(), (flat @ q.codebook.t()).argmax(1))
 
 
+def test_usage_entropy_loss_on_hand_made_assignments():
+    q = EMAQuantizer(4, 2).eval()
+    q.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]]))
+    near = torch.tensor([[0.1, 0.0], [10.0, 0.1], [0.0, 9.9], [9.9, 10.0]])  # each 0.1 from its own code
+    as_map = lambda rows: rows.t().reshape(1, 2, 1, -1)  # N x D x H x W with one row of vectors
+    # softmax temperature = mean nearest distance (0.01): assignments are one-hot to float precision
+    assert q.usage_entropy_loss(as_map(near)).item() == pytest.approx(-math.log(4), abs=1e-4)  # all four codes used
+    assert q.usage_entropy_loss(as_map(near[:1].repeat(4, 1))).item() == pytest.approx(0.0, abs=1e-4)  # one code
+    halfway = torch.tensor([[5.0, 0.0]])  # as near code 0 as code 1: a 50/50 assignment, entropy ln 2 both ways
+    assert q.usage_entropy_loss(as_map(halfway)).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_usage_entropy_loss_moves_crowded_vectors_to_idle_codes():
+    torch.manual_seed(0)
+    q = EMAQuantizer(8, 2).eval()
+    q.codebook.copy_(torch.randn(8, 2))
+    z = (q.codebook[0] + 0.3 * torch.randn(64, 2)).t().reshape(1, 2, 8, 8).requires_grad_()  # most near code 0
+    perplexity = lambda: codebook_stats(torch.bincount(q(z.detach())[1].flatten(), minlength=8))[1]
+    before = perplexity()
+    opt = torch.optim.SGD([z], lr=20.0)
+    for _ in range(100):
+        opt.zero_grad()
+        q.usage_entropy_loss(z).backward()
+        opt.step()
+    assert before < 1.1 and perplexity() > 2 * before  # the vectors now spread over two or more codes
+
+
 def test_dead_code_is_restarted_on_encoder_outputs():
     torch.manual_seed(0)
     q = EMAQuantizer(codebook_size=8, dim=2, dead_code_steps=3)

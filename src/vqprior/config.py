@@ -85,6 +85,8 @@ class VQVAEModelParams(Section):
     dead_code_steps: int = Field(50, ge=1, description="steps unused before a code is restarted")
     kmeans_iters: int = Field(10, ge=0, description="k-means steps on the first batch's encoder outputs; 0 samples them")
     l2_normalize: bool = Field(False, description="look codes up by cosine similarity of l2-normalised vectors")
+    usage_entropy: float = Field(0.0, ge=0, description="weight of a loss that spreads code use evenly (raises the "
+                                 "perplexity); 0: off")
     recon_loss: Literal["mse", "l1"] = "mse"
 
     @property

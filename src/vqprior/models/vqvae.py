@@ -67,13 +67,20 @@ class VQVAE(nn.Module):
         return self.decoder(self.quantizer.lookup(codes))
 
     def loss(self, x: torch.Tensor):
-        recon, codes, commit = self(x)
-        recon = recon.float()
+        z = self.encoder(x)
+        q, codes, commit = self.quantizer(z)
+        recon = self.decoder(q).float()
         rec = F.mse_loss(recon, x) if self.config.recon_loss == "mse" else F.l1_loss(recon, x)
         with torch.no_grad():  # reported in [0, 1] pixel units, whatever the normalisation
             to_unit = self.normalisation.to_unit
             mse = F.mse_loss(to_unit(recon), to_unit(x))
-        return rec + commit, {"recon_loss": rec.detach(), "commit_loss": commit.detach(), "mse": mse}, codes
+        stats = {"recon_loss": rec.detach(), "commit_loss": commit.detach(), "mse": mse}
+        loss = rec + commit
+        if self.config.usage_entropy > 0:
+            entropy = self.quantizer.usage_entropy_loss(z)
+            loss = loss + self.config.usage_entropy * entropy
+            stats["usage_entropy_loss"] = entropy.detach()
+        return loss, stats, codes
 
 
 def load_vqvae(path, device: torch.device | str = "cpu") -> tuple[VQVAE, dict]:
