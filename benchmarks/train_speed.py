@@ -2,6 +2,7 @@
 
     python benchmarks/train_speed.py              # VQ-VAE and prior at the default params.yaml sizes
     python benchmarks/train_speed.py --steps 20   # longer, steadier timing
+    python benchmarks/train_speed.py --only vqvae # just the VQ-VAE rows (the full-recompute sampling row is slow)
 
 Prints a table: VQ-VAE training images/s, VQ-VAE encode images/s, prior training tokens/s, and prior sampling
 samples/s with the KV cache vs recomputing the whole prefix each step. Training speeds are medians of `--repeats`
@@ -61,12 +62,28 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3, help="fp32/bf16 rounds for the training speeds (median)")
+    ap.add_argument("--only", choices=["vqvae", "prior", "sample"], action="append",
+                    help="measure just these parts (repeatable); default: all")
     args = ap.parse_args()
     p = load_params(args.params)
     torch.manual_seed(0)
     precisions = ["fp32", "bf16"] if cpu_has_bf16() else ["fp32"]
+    parts = set(args.only or ["vqvae", "prior", "sample"])
     rows = []
 
+    if "vqvae" in parts:
+        rows += vqvae_rows(p, precisions, args)
+    grid_h, grid_w = VQVAE(p.train_vqvae.model).grid_size(28, 28)  # the code grid the prior models
+    length, vocab = grid_h * grid_w, p.train_vqvae.model.codebook_size
+    if "prior" in parts:
+        rows += prior_rows(p, precisions, args, length, vocab)
+    if "sample" in parts:
+        rows += sample_rows(p, precisions, length, vocab)
+    print_table(rows, sample_batch=p.sample.batch_size)
+
+
+def vqvae_rows(p, precisions, args) -> list:
+    rows = []
     vq_batch = p.train_vqvae.train.batch_size
     x = torch.rand(vq_batch, 1, 28, 28) * 2 - 1
     vqvaes = {precision: VQVAE(p.train_vqvae.model) for precision in precisions}
@@ -79,33 +96,43 @@ def main() -> None:
         with autocast(precision):
             dt = timed(lambda: model.encode(xe), max(2, args.steps // 2))
         rows.append(("VQ-VAE encode", precision, "batch 1024", 1024 / dt, "images/s"))
+    return rows
 
-    grid_h, grid_w = VQVAE(p.train_vqvae.model).grid_size(28, 28)  # the code grid the prior models
-    length, vocab, pb = grid_h * grid_w, p.train_vqvae.model.codebook_size, p.train_prior.train.batch_size
+
+def prior_rows(p, precisions, args, length, vocab) -> list:
+    rows, pb = [], p.train_prior.train.batch_size
     codes = torch.randint(0, vocab, (pb, length))
     priors = {precision: Prior(p.train_prior.model, vocab=vocab, length=length) for precision in precisions}
     steps = {precision: train_step(m, lambda m: m.loss(codes)[0], precision) for precision, m in priors.items()}
     for precision, dt in interleaved(steps, args.steps, args.repeats).items():
         rows.append(("prior train", precision, f"batch {pb}", pb * length / dt, "tokens/s"))
+    return rows
 
+
+def sample_rows(p, precisions, length, vocab) -> list:
+    rows = []
     prior = Prior(p.train_prior.model, vocab=vocab, length=length).eval()
     n = p.sample.batch_size  # the sample stage's batch
     for use_cache in (True, False):
         with autocast(precisions[-1]):
             dt = timed(lambda: sample_codes(prior, n, use_cache=use_cache), 1)
         rows.append(("prior sample", precisions[-1], "KV cache" if use_cache else "full recompute", n / dt, "samples/s"))
+    return rows
 
+
+def print_table(rows: list, sample_batch: int) -> None:
     print(f"\n{'what':<14} {'precision':<9} {'setting':<15} {'speed':>10}  unit   (torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads)")
     for what, precision, setting, speed, unit in rows:
         print(f"{what:<14} {precision:<9} {setting:<15} {speed:>10.0f}  {unit}")
     speed = {(what, precision, setting): v for what, precision, setting, v, _ in rows}
-    if "bf16" in precisions:
-        for what, setting in (("VQ-VAE train", f"batch {vq_batch}"), ("prior train", f"batch {pb}")):
-            print(f"bf16 / fp32, {what}: {speed[(what, 'bf16', setting)] / speed[(what, 'fp32', setting)]:.2f}x")
-    last = precisions[-1]
-    print(f"KV cache / full recompute (batch {n}): "
-          f"{speed[('prior sample', last, 'KV cache')] / speed[('prior sample', last, 'full recompute')]:.2f}x")
+    for what, precision, setting, v, _ in rows:
+        if what.endswith("train") and precision == "bf16":
+            print(f"bf16 / fp32, {what}: {v / speed[(what, 'fp32', setting)]:.2f}x")
+    sampled = {setting: v for what, _, setting, v, _ in rows if what == "prior sample"}
+    if sampled:
+        print(f"KV cache / full recompute (batch {sample_batch}): "
+              f"{sampled['KV cache'] / sampled['full recompute']:.2f}x")
 
 
 if __name__ == "__main__":
