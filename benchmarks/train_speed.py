@@ -73,12 +73,13 @@ def main() -> None:
 
     if "vqvae" in parts:
         rows += vqvae_rows(p, precisions, args)
-    grid_h, grid_w = VQVAE(p.train_vqvae.model).grid_size(28, 28)  # the code grid the prior models
-    length, vocab = grid_h * grid_w, p.train_vqvae.model.codebook_size
-    if "prior" in parts:
-        rows += prior_rows(p, precisions, args, length, vocab)
-    if "sample" in parts:
-        rows += sample_rows(p, precisions, length, vocab)
+    if parts & {"prior", "sample"}:
+        grid_h, grid_w = VQVAE(p.train_vqvae.model).grid_size(28, 28)  # the code grid the prior models
+        length, vocab = grid_h * grid_w, p.train_vqvae.model.codebook_size
+        if "prior" in parts:
+            rows += prior_rows(p, precisions, args, length, vocab)
+        if "sample" in parts:
+            rows += sample_rows(p, precisions, length, vocab)
     print_table(rows, sample_batch=p.sample.batch_size)
 
 
