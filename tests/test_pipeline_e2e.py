@@ -61,6 +61,9 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert 0 < ref["floor_fid"] < rec["rfid"] < 400  # real vs real beats the VQ-VAE's reconstructions
     assert 0 <= ref["floor_precision"] <= 1 and 0 <= rec["rprecision"] <= 1 and 0 <= rec["rrecall"] <= 1
     assert ev["floor_fid"] == ref["floor_fid"] and ev["rfid"] == rec["rfid"]  # copied beside the FID
+    # real images beat the VQ-VAE's reconstructions, which beat the (tiny) prior's samples, on every measure
+    assert ev["fid"] > rec["rfid"] and ref["floor_precision"] > rec["rprecision"] > ev["precision"]
+    assert ref["floor_recall"] > rec["rrecall"] >= ev["recall"]
     # the perfect-prior ceiling: the floor's train images through the VQ-VAE lose to the real ones
     assert rec["num_train"] == 200 and ref["floor_fid"] < rec["prior_ceiling_fid"] == ev["prior_ceiling_fid"]
     assert len(rec["prior_ceiling_recall_by_class"]) == 10 and 0 <= rec["prior_ceiling_recall"] <= 1
