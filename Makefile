@@ -12,10 +12,11 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install data flow dag metrics
+.PHONY: run test install data flow dag metrics times
 
-run: install data ## the whole DAG with params.yaml
+run: install data ## the whole DAG with params.yaml, then where its time went
 	$(BIN)/dvc repro
+	$(BIN)/python -m stages.times
 
 test: install data ## the test suite (unit tests + an end-to-end smoke run of the DAG)
 	$(BIN)/python -m pytest -q
@@ -43,3 +44,6 @@ dag: install
 
 metrics: install
 	$(BIN)/dvc metrics show
+
+times: install ## the last run's minutes per stage (MLflow run times), precision, Inception images
+	$(BIN)/python -m stages.times

@@ -15,6 +15,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 PARENT_RUN_ENV = "VQPRIOR_PARENT_RUN_ID"
+PRECISION_TAGS = ("precision", "inception_precision")  # string metrics kept as tags: what the stage ran in
 
 
 def repo_root() -> Path:
@@ -82,6 +83,8 @@ class StageRun:
         for key, value in metrics.items():
             flat |= {f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value}
         self._mlflow.log_metrics({k: float(v) for k, v in flat.items() if isinstance(v, (int, float))})
+        if tags := {k: flat[k] for k in PRECISION_TAGS if isinstance(flat.get(k), str)}:
+            self._mlflow.set_tags(tags)
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if Path(path).exists():

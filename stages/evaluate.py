@@ -96,6 +96,7 @@ def main() -> None:
         metrics = score_samples(generated, p.evaluate, str(runtime.device), by_class=True, labels=labels)
         metrics |= context
         metrics |= seed_spread(metrics, extra_sets, p.evaluate, str(runtime.device))
+        metrics["inception_images"] = sum(len(images) for images in sets.values())
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
                                       str(runtime.device))
         metrics["classifier_test_accuracy"] = accuracy

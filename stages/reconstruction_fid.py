@@ -18,7 +18,7 @@ import torch
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.features import TEST_IMAGES, TRAIN_IMAGES, load_features, read_labelled_images, score
+from vqprior.features import TEST_IMAGES, TRAIN_IMAGES, inception_bf16, load_features, read_labelled_images, score
 from vqprior.io import write_json_atomic
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
@@ -49,7 +49,7 @@ def main() -> None:
         print(f"reconstruction_fid: VQ-VAE reconstructions of {len(test)} test images (rFID) and of {len(train)} "
               "train images (the perfect-prior ceiling) vs the cached test features")
         kw = dict(batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood, device=str(runtime.device),
-                  bf16=cfg.inception_bf16)
+                  bf16=inception_bf16(cfg, runtime.device))
         r = score(reconstruct(model, test, runtime), reference, **kw)
         c = score(reconstruct(model, train, runtime), reference, labels=train_labels, reference_labels=test_labels, **kw)
         seconds = r["seconds"] + c["seconds"]
@@ -59,7 +59,8 @@ def main() -> None:
                    "prior_ceiling_recall": c["recall"], "prior_ceiling_kid": c["kid"],
                    "prior_ceiling_recall_by_class": c["recall_by_class"],
                    "prior_ceiling_precision_by_class": c["precision_by_class"], "num_train": len(train),
-                   "seconds": round(seconds, 1), "images_per_second": r["images_per_second"]}  # Inception's speed
+                   "seconds": round(seconds, 1), "images_per_second": r["images_per_second"],  # Inception's speed
+                   "inception_precision": "bf16" if kw["bf16"] else "fp32", "inception_images": len(test) + len(train)}
         write_json_atomic("metrics/reconstruction.json", metrics)
         run.log_metrics(metrics)
         print(f"reconstruction_fid: rFID {r['fid']:.2f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}; "

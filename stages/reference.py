@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, read_labelled_images,
-                              save_features, timed_features)
+from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, inception_bf16,
+                              read_labelled_images, save_features, timed_features)
 from vqprior.io import write_json_atomic
 from vqprior.metrics import INCEPTION, metrics_from_features, precision_recall_by_class
 from vqprior.runtime import resolve_runtime
@@ -26,7 +26,7 @@ def main() -> None:
             print(f"reference: only {len(test)} test / {len(train)} train images, fewer than "
                   f"evaluate.num_reference={cfg.num_reference}")
         print(f"reference: {INCEPTION} features of {len(test)} test and {len(train)} train images")
-        kw = dict(batch_size=cfg.batch_size, device=str(runtime.device), bf16=cfg.inception_bf16)
+        kw = dict(batch_size=cfg.batch_size, device=str(runtime.device), bf16=inception_bf16(cfg, runtime.device))
         f_test, s_test = timed_features(test, **kw)
         f_train, s_train = timed_features(train, **kw)
         save_features(TEST_FEATURES, f_test)
@@ -40,7 +40,7 @@ def main() -> None:
             "floor_kid": floor["kid"], "floor_recall_by_class": floor["recall_by_class"],
             "floor_precision_by_class": floor["precision_by_class"], "num_reference": len(test), "num_train": len(train),
             "feature_extractor": INCEPTION, "feature_dim": int(f_test.shape[1]),
-            "inception_precision": "bf16" if cfg.inception_bf16 else "fp32",
+            "inception_precision": "bf16" if kw["bf16"] else "fp32", "inception_images": len(test) + len(train),
             "seconds": round(seconds, 1), "images_per_second": round((len(test) + len(train)) / seconds, 1),
         }
         write_json_atomic("metrics/reference.json", metrics)

@@ -1,5 +1,7 @@
 """sweep: gather the scored grid points (stage `sweep_point`) into one table, plot it, and name the best point by FID.
 
+The point `sample` drew and `evaluate` scored is a row of the table too (marked `evaluate`), so the grid need not
+repeat it: the default grid holds only the points that differ from `sample`'s settings.
 Writes metrics/sweep.json ({"points": [...], "best": index, ...}), plots/sweep.csv and reports/sweep.png
 (precision against recall, FID against temperature). Only the points of the current grid count: folders left by
 points since removed from params.yaml are ignored.
@@ -11,14 +13,16 @@ import json
 from pathlib import Path
 
 from stages._tracking import tracked_run
-from vqprior.config import SweepParams, load_params
+from vqprior.config import SampleParams, SweepParams, load_params
 from vqprior.figures import plt, save_figure
 from vqprior.io import write_json_atomic
 from vqprior.plots import write_csv
 
 POINTS = Path("data/sweep")
+SAMPLE_METRICS, EVALUATE_METRICS = Path("metrics/sample.json"), Path("metrics/evaluate.json")
 COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "kid", "precision", "recall", "f_score", "num_samples",
-           "unique_codes_used")
+           "unique_codes_used", "source")
+SETTINGS = ("temperature", "top_k", "top_p", "guidance")
 
 
 def grid(cfg: SweepParams) -> list[tuple[float, int, float, float]]:
@@ -35,12 +39,28 @@ def read_points(cfg: SweepParams, folder: Path = POINTS) -> list[dict]:
     if missing:
         raise SystemExit(f"error: no scores under {folder}/ for grid point(s) (temperature, top_k, top_p, guidance) "
                          f"{missing}; run `dvc repro sweep` (it runs the sweep_point stages first)")
-    return [{k: found[point].get(k) for k in COLUMNS} for point in grid(cfg)]
+    return [{k: found[point].get(k) for k in COLUMNS} | {"source": "sweep_point"} for point in grid(cfg)]
+
+
+def evaluated_point(settings: SampleParams, sample: Path = SAMPLE_METRICS, evaluate: Path = EVALUATE_METRICS) -> dict:
+    """The row of `sample`'s own settings with `evaluate`'s scores of its headline set."""
+    drawn, scores = (json.loads(path.read_text()) for path in (sample, evaluate))
+    return ({k: scores.get(k) for k in COLUMNS} | {k: getattr(settings, k) for k in SETTINGS}
+            | {"unique_codes_used": drawn.get("unique_codes_used"), "source": "evaluate"})
+
+
+def all_points(cfg: SweepParams, settings: SampleParams, folder: Path = POINTS, sample: Path = SAMPLE_METRICS,
+               evaluate: Path = EVALUATE_METRICS) -> list[dict]:
+    """The grid's points, and `evaluate`'s point first unless the grid holds the same settings."""
+    points = read_points(cfg, folder)
+    ev = evaluated_point(settings, sample, evaluate)
+    same = any(all(pt[k] == ev[k] for k in SETTINGS) for pt in points)
+    return points if same else [ev, *points]
 
 
 def describe(pt: dict) -> str:
     return (f"T={pt['temperature']:<5} top_k={pt['top_k']:<4} top_p={pt['top_p']:<5} guidance={pt['guidance']:<5} "
-            f"FID {pt['fid']:7.2f}  precision {pt['precision']:.3f}  recall {pt['recall']:.3f}")
+            f"FID {pt['fid']:7.2f}  precision {pt['precision']:.3f}  recall {pt['recall']:.3f}  ({pt['source']})")
 
 
 def plot(points: list[dict], best: int, path: str | Path) -> None:
@@ -66,7 +86,7 @@ def plot(points: list[dict], best: int, path: str | Path) -> None:
 def main() -> None:
     p = load_params()
     with tracked_run("sweep", p) as run:
-        points = read_points(p.sweep)
+        points = all_points(p.sweep, p.sample)
         best = min(range(len(points)), key=lambda i: points[i]["fid"])
         summary = {"points": points, "best": best, "criterion": "lowest fid", "best_point": points[best]}
         write_json_atomic("metrics/sweep.json", summary)

@@ -34,7 +34,7 @@ class _Run:
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
     params = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
-    params["evaluate"].update(num_reference=N, batch_size=20, inception_bf16=True)  # recorded; TINY ignores it
+    params["evaluate"].update(num_reference=N, batch_size=20, inception_precision="bf16")  # recorded; TINY ignores it
     params["compute"].update(device="cpu", precision="fp32")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import run
 
-# profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [0, 20] x top_p [1.0] x guidance [1.0]
-POINTS = ["sweep_point@1.0-0-1.0-1.0", "sweep_point@1.0-20-1.0-1.0"]
+# profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [20] x top_p [1.0] x guidance [1.0]; the sample
+# settings' own point (top_k 0) is evaluate's, a row of the sweep's table without a stage of its own
+POINTS = ["sweep_point@1.0-20-1.0-1.0"]
 STAGES = ["prepare", "reference", "train_classifier", "train_vqvae", "reconstruction_fid", "extract_codes", "train_prior", "analyse_prior", "sample",
           "evaluate", *POINTS, "sweep"]
 
@@ -83,8 +84,7 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert np.mean(list(ev["precision_by_class"].values())) == pytest.approx(ev["precision"])
     assert ev["floor_recall_by_class"] == ref["floor_recall_by_class"] and len(ref["floor_recall_by_class"]) == 10
 
-    # the sweep: one scored point per grid point, the best by FID named; the point with the `sample` settings
-    # draws the very same samples as `sample` (same seed), so it scores exactly what `evaluate` scored
+    # the sweep: evaluate's point (the `sample` settings) and one scored point per grid point, the best by FID named
     sweep = json.loads((smoke_repo / "metrics/sweep.json").read_text())
     points = sweep["points"]
     assert [(q["temperature"], q["top_k"], q["top_p"], q["guidance"]) for q in points] == [(1.0, 0, 1.0, 1.0),
@@ -92,8 +92,9 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert all(q["num_samples"] == 200 and 0 < q["fid"] < 400 and 0 <= q["recall"] <= 1 for q in points)
     assert sweep["best"] == min(range(2), key=lambda i: points[i]["fid"]) and sweep["best_point"] == points[sweep["best"]]
     assert points[0]["fid"] == ev["fid"] and points[0]["precision"] == ev["precision"]
+    assert [q["source"] for q in points] == ["evaluate", "sweep_point"]
     assert points[1]["fid"] != points[0]["fid"]  # top-k 20 of 64 codes changes the samples
-    assert np.array_equal(np.load(smoke_repo / "data/sweep/t1.0-k0-p1.0-g1.0/images.npy"), images)
+    assert sorted(d.name for d in (smoke_repo / "data/sweep").iterdir()) == ["t1.0-k20-p1.0-g1.0"]  # no repeat
     assert (smoke_repo / "plots/sweep.csv").read_text().splitlines()[0].startswith("temperature,top_k,top_p,guidance,fid")
     assert (smoke_repo / "reports/sweep.png").stat().st_size > 1000
 
@@ -107,6 +108,16 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert by_stage.loc["reference", "metrics.floor_fid"] == ref["floor_fid"]
     assert by_stage.loc["reconstruction_fid", "metrics.rfid"] == rec["rfid"]
     assert (by_stage["status"] == "FINISHED").all()
+
+    # where the time went: one row per stage from MLflow's run times, the Inception images they extracted
+    times = run([sys.executable, "-m", "stages.times"], smoke_repo)
+    assert times.returncode == 0, times.stderr[-3000:]
+    header, *rows, total = times.stdout.splitlines()
+    assert header.split()[:3] == ["stage", "minutes", "status"]
+    assert sorted(r.split()[0] for r in rows) == sorted(STAGES) and all("FINISHED" in r for r in rows)
+    # reference (200 test + 200 train), reconstruction_fid (200 + 200), evaluate (2 sets of 200), one sweep point
+    assert total.split()[0] == "total" and total.split()[-1] == f"{400 + 400 + 400 + 200:,}"
+    assert sum(float(r.split()[1]) for r in rows) == pytest.approx(float(total.split()[1]), abs=0.1 * len(rows))
 
     # nothing changed: the second repro runs no stage and logs no run
     second = run([sys.executable, "-m", "dvc", "repro"], smoke_repo)
@@ -122,11 +133,11 @@ def test_smoke_dag_end_to_end(smoke_repo):
     third = run([sys.executable, "-m", "dvc", "repro", "sweep"], smoke_repo)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran == ["sweep", "sweep_point@1.0-0-1.0-3.0", "sweep_point@1.0-20-1.0-3.0"]
+    assert ran == ["sweep", "sweep_point@1.0-20-1.0-3.0"]
     points = json.loads((smoke_repo / "metrics/sweep.json").read_text())["points"]
-    assert [q["guidance"] for q in points] == [1.0, 3.0, 1.0, 3.0]
-    guided = np.load(smoke_repo / "data/sweep/t1.0-k0-p1.0-g3.0/images.npy")
-    assert guided.shape == images.shape and not np.array_equal(guided, images)  # guidance changes the samples
+    assert [q["guidance"] for q in points] == [1.0, 1.0, 3.0]
+    guided, plain = (np.load(smoke_repo / f"data/sweep/t1.0-k20-p1.0-g{g}/images.npy") for g in ("3.0", "1.0"))
+    assert guided.shape == images.shape and not np.array_equal(guided, plain)  # guidance changes the samples
 
 
 def test_dvc_experiment_with_a_set_param(smoke_repo):
@@ -135,7 +146,7 @@ def test_dvc_experiment_with_a_set_param(smoke_repo):
     exp = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "hot", "-S", "sample.temperature=1.3"], smoke_repo)
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran == ["evaluate", "sample"]  # the sweep points take their temperature from the grid, not `sample`
+    # the sweep points take their temperature from the grid, not `sample`; the table's evaluate row changes
 
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], smoke_repo)
     assert shown.returncode == 0, shown.stderr[-3000:]
@@ -147,5 +158,5 @@ def test_dvc_experiment_with_a_set_param(smoke_repo):
 
     mlflow.set_tracking_uri(f"sqlite:///{smoke_repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["vqprior"], filter_string="tags.`dvc.exp` = 'hot'")
-    assert sorted(runs["tags.mlflow.runName"]) == ["evaluate", "sample"]
+    assert sorted(runs["tags.mlflow.runName"]) == ["evaluate", "sample", "sweep"]
     assert runs.set_index("tags.mlflow.runName").loc["sample", "params.sample.temperature"] == "1.3"

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from stages.sweep import grid, read_points
+from stages.sweep import all_points, grid, read_points
 from vqprior.config import ParamsError, SweepParams, parse_params
 
 
@@ -24,6 +24,22 @@ def test_read_points_follows_the_grid_and_ignores_stale_points(tmp_path):
     assert [(q["temperature"], q["top_p"], q["guidance"], q["fid"]) for q in points] == [
         (t, p, g, 30.0 - i) for i, (t, _, p, g) in enumerate(grid(cfg))]
     assert "protocol" not in points[0] and points[0]["kid"] is None  # the table's columns only
+
+
+def test_evaluate_point_is_a_row_unless_the_grid_repeats_it(tmp_path):
+    """The sample settings' point was scored by `evaluate`: the table takes it from there instead of a sweep stage."""
+    _write_point(tmp_path, 1.0, 0, 1.0, fid=20.0, g=1.5)
+    sample, evaluate = tmp_path / "sample.json", tmp_path / "evaluate.json"
+    sample.write_text(json.dumps({"temperature": 1.0, "unique_codes_used": 250}))
+    evaluate.write_text(json.dumps({"fid": 21.5, "precision": 0.7, "recall": 0.6, "kid": 0.01, "num_samples": 10}))
+    settings = parse_params({"sample": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance": 1.0}}).sample
+    cfg = SweepParams(temperature=[1.0], top_k=[0], top_p=[1.0], guidance=[1.5])
+    points = all_points(cfg, settings, tmp_path, sample, evaluate)
+    assert [(q["guidance"], q["fid"], q["source"]) for q in points] == [(1.0, 21.5, "evaluate"), (1.5, 20.0, "sweep_point")]
+    assert points[0]["unique_codes_used"] == 250 and points[0]["recall"] == 0.6
+    _write_point(tmp_path, 1.0, 0, 1.0, fid=21.4)  # the grid holds the sample settings: no second row for them
+    cfg = SweepParams(temperature=[1.0], top_k=[0], top_p=[1.0], guidance=[1.0, 1.5])
+    assert [q["source"] for q in all_points(cfg, settings, tmp_path, sample, evaluate)] == ["sweep_point"] * 2
 
 
 def test_a_missing_point_is_named(tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 from vqprior.config import ComputeParams
 from vqprior.io import atomic_path, write_json_atomic
 from vqprior.plots import save_grid, write_history_csv
-from vqprior.runtime import cpu_has_bf16, resolve_runtime
+from vqprior.runtime import cpu_has_bf16, resolve_precision, resolve_runtime
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
@@ -34,6 +34,19 @@ def test_runtime_resolution_on_cpu(monkeypatch):
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         resolve_runtime(ComputeParams(device="cuda"))
     assert resolve_runtime(ComputeParams(device="auto")).device.type in ("cpu", "mps")
+
+
+def test_auto_precision_never_picks_bf16_under_an_avx2_kernel_cap(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX2 is how an AVX2-only CPU is measured on a newer one: bf16 would be emulated there."""
+    cpu = torch.device("cpu")
+    native = "avx512_bf16" in open("/proc/cpuinfo").read() or "amx_bf16" in open("/proc/cpuinfo").read()
+    for cap, expected in [("AVX2", False), ("avx2", False), ("AVX512_CORE", False), ("SSE41", False),
+                          ("AVX512_CORE_BF16", native), ("AVX512_CORE_AMX", native), ("", native)]:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert cpu_has_bf16() is expected, cap
+        assert resolve_precision("auto", cpu) == ("bf16" if expected else "fp32"), cap
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"  # as asked
+    assert resolve_precision("auto", torch.device("mps")) == "fp32"
 
 
 def test_compile_option_keeps_names_and_outputs():

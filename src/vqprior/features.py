@@ -12,6 +12,7 @@ import torch_fidelity
 from .config import EvaluateParams
 from .data.images import read_images
 from .io import atomic_path
+from .runtime import resolve_precision
 from .metrics import INCEPTION, extract_features, feature_layer, metrics_from_features, precision_recall_by_class
 
 TEST_FEATURES = Path("data/reference/test_features.npy")
@@ -56,19 +57,25 @@ def score(images: torch.Tensor, reference: torch.Tensor, *, batch_size: int, prc
     return metrics | {"seconds": round(seconds, 1), "images_per_second": round(len(images) / seconds, 1)}
 
 
+def inception_bf16(cfg: EvaluateParams, device: str | torch.device) -> bool:
+    """Whether Inception runs in bf16 under `evaluate.inception_precision` on `device` (auto: only where native)."""
+    return resolve_precision(cfg.inception_precision, torch.device(device)) == "bf16"
+
+
 def score_samples(images: torch.Tensor, cfg: EvaluateParams, device: str, by_class: bool = False,
                   labels: torch.Tensor | None = None) -> dict:
     """`score` of generated images against the cached test features, with the protocol that makes it comparable;
     `by_class` adds precision and recall by class (`labels`: the samples' classes, None for an unconditional prior)."""
     reference = load_features()
+    bf16 = inception_bf16(cfg, device)
     metrics = score(images, reference, batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood,
-                    device=device, bf16=cfg.inception_bf16, labels=labels,
+                    device=device, bf16=bf16, labels=labels,
                     reference_labels=read_labels(TEST_IMAGES, limit=len(reference)) if by_class else None)
     return metrics | {
         "feature_extractor": INCEPTION, "feature_layer": feature_layer(INCEPTION),
         "reference_split": "test", "reference_images": f"first {len(reference)} of the prepared test split",
         "resize": "bilinear to 299x299, TF1-compatible (torch-fidelity)", "prc_neighborhood": cfg.prc_neighborhood,
-        "inception_precision": "bf16" if cfg.inception_bf16 else "fp32",
+        "inception_precision": "bf16" if bf16 else "fp32", "inception_images": len(images),
         "torch_fidelity_version": torch_fidelity.__version__,
     }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from dataclasses import dataclass
 
@@ -11,14 +12,35 @@ import torch
 from .config import ComputeParams
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which bf16 matmuls and convolutions still run natively
+_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512", "AVX10_2_512", "DEFAULT", "ALL")
+
+
 def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run natively (about 5x fp32 on such CPUs)."""
+    """AVX-512 BF16 or AMX: bf16 matmuls run natively (about 5x fp32 on such CPUs). Without them bf16 is emulated
+    and several times slower than fp32, so it is never chosen there. A cap on oneDNN's kernels
+    (`ONEDNN_MAX_CPU_ISA=AVX2`, how an AVX2-only machine is measured on a newer CPU) counts as their absence."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap and not cap.startswith(_BF16_ISAS):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """"fp32" or "bf16" for `requested` ("auto", "fp32" or "bf16") on `device`: auto is bf16 only where the hardware
+    runs it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX)."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_bf16() else "fp32"
+    return "fp32"
 
 
 @dataclass(frozen=True)
@@ -53,14 +75,7 @@ def resolve_runtime(p: ComputeParams) -> Runtime:
         device = torch.device(p.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit("error: compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
-    precision = p.precision
-    if precision == "auto":
-        if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        elif device.type == "cpu":
-            precision = "bf16" if cpu_has_bf16() else "fp32"
-        else:
-            precision = "fp32"
+    precision = resolve_precision(p.precision, device)
     return Runtime(device=device, precision=precision, compile=p.compile)
 
 
