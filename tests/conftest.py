@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -19,6 +20,15 @@ def require_fashion_mnist() -> Path:
         pytest.fail(f"Fashion-MNIST IDX files not found under {DEBIAN_FASHION_MNIST}: run `make data` "
                     "(installs Debian's dataset-fashion-mnist), as `make test` does", pytrace=False)
     return DEBIAN_FASHION_MNIST
+
+
+def params_with(changes: dict | None = None, base: str = "profiles/smoke.yaml") -> dict:
+    """A complete params dict: `base` with `changes` merged in key by key. The typed params have no defaults (the
+    params files are their one source), so a test starts from a whole file and names only what it changes."""
+    def merge(into: dict, extra: dict) -> dict:
+        return into | {k: merge(into.get(k, {}), v) if isinstance(v, dict) else v for k, v in extra.items()}
+
+    return merge(yaml.safe_load((ROOT / base).read_text()), changes or {})
 
 
 def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:

@@ -30,8 +30,8 @@ def write_repo(root, labels=True):
     params = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
     params["compute"].update(device="cpu", precision="fp32")
     params["train_classifier"] = {"model": {"channels": 16, "feature_dim": 64},
-                                  "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "warmup_steps": 5,
-                                            "grad_clip": 1.0, "patience": 2}}
+                                  "train": {"epochs": 2, "batch_size": 64, "lr": 3e-3, "weight_decay": 0.0,
+                                            "warmup_steps": 5, "grad_clip": 1.0, "patience": 2}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     raw = load_idx_dataset(DEBIAN_FASHION_MNIST)
     train, test = raw["train"], raw["test"]

@@ -45,7 +45,7 @@ def repo(tmp_path, monkeypatch):
     torch.manual_seed(0)
     save_model("models/vqvae.pt", VQVAE(VQVAEModelParams(**params["train_vqvae"]["model"]), in_channels=1),
                in_channels=1)
-    save_model("models/classifier.pt", Classifier(ClassifierModelParams(channels=8, feature_dim=32), 1, 10),
+    save_model("models/classifier.pt", Classifier(ClassifierModelParams(channels=8, feature_dim=32), in_channels=1, num_classes=10),
                in_channels=1, num_classes=10, image_shape=[28, 28, 1])  # untrained: a fixed random feature space
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/train_classifier.json").write_text(json.dumps({"test_accuracy": 0.5}))

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import params_with
 from stages.sweep import grid, read_points
 from vqprior.config import ParamsError, SweepParams, parse_params
 
@@ -29,7 +30,7 @@ def test_read_points_follows_the_grid_and_ignores_stale_points(tmp_path):
 def test_a_missing_point_is_named(tmp_path):
     _write_point(tmp_path, 1.0, 0, 1.0, fid=30.0)
     with pytest.raises(SystemExit, match=r"\(1\.0, 50, 1\.0, 1\.0\).*dvc repro sweep"):
-        read_points(SweepParams(temperature=[1.0], top_k=[0, 50], top_p=[1.0]), tmp_path)
+        read_points(SweepParams(temperature=[1.0], top_k=[0, 50], top_p=[1.0], guidance=[1.0]), tmp_path)
 
 
 @pytest.mark.parametrize("sweep, message", [
@@ -40,11 +41,12 @@ def test_a_missing_point_is_named(tmp_path):
 ])
 def test_bad_grids_fail_at_start_up(sweep, message):
     with pytest.raises(ParamsError, match=message):
-        parse_params({"sweep": sweep})
+        parse_params(params_with({"sweep": sweep}))
 
 
 def test_a_guidance_grid_needs_a_conditional_prior():
     with pytest.raises(ParamsError, match="unconditional prior.*keep one value"):
-        parse_params({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 0}}})
-    conditional = parse_params({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 10}}})
+        parse_params(params_with({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 0}}}))
+    conditional = parse_params(params_with({"sweep": {"guidance": [1.0, 2.0]},
+                                            "train_prior": {"model": {"num_classes": 10}}}))
     assert conditional.sweep.guidance == [1.0, 2.0]
