@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -29,6 +30,14 @@ def params_with(changes: dict | None = None, base: str = "profiles/smoke.yaml") 
         return into | {k: merge(into.get(k, {}), v) if isinstance(v, dict) else v for k, v in extra.items()}
 
     return merge(yaml.safe_load((ROOT / base).read_text()), changes or {})
+
+
+def stage_report(root: Path, name: str) -> dict:
+    """All a stage reported: its headline metrics/<name>.json and reports/<name>_detail.json, which share no key."""
+    headline = json.loads((root / f"metrics/{name}.json").read_text())
+    detail = json.loads((root / f"reports/{name}_detail.json").read_text())
+    assert not headline.keys() & detail.keys(), f"{name}: keys in both files"
+    return headline | detail
 
 
 def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:
