@@ -47,7 +47,8 @@ def extract(fraction: int) -> dict:
         env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{repo}", "MLFLOW_DISABLE_TELEMETRY": "true"}
         subprocess.run([sys.executable, "-m", "stages.extract_codes"], cwd=repo, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return json.loads((repo / "metrics/extract_codes.json").read_text())
+        return {**json.loads((repo / "metrics/extract_codes.json").read_text()),  # time and memory
+                **json.loads((repo / "reports/extract_codes_detail.json").read_text())}  # counts and speed
 
 
 def main() -> None:

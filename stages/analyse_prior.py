@@ -24,11 +24,12 @@ from vqprior.codes import CodeGrid, read_codes
 from vqprior.config import load_params
 from vqprior.data.images import read_images
 from vqprior.figures import plt, save_figure
-from vqprior.io import write_json_atomic
+from vqprior.io import write_split_json
 from vqprior.models.prior import load_prior
 from vqprior.runtime import resolve_runtime
 
 CODES, PREPARED = Path("data/codes"), Path("data/prepared")
+HEADLINE = ("val_nll", "gap", "flat_nll_share", "seconds")  # metrics/; by position and by class go to reports/
 FLAT_RANGE = 4  # uint8 levels: a patch whose max - min is at most this shows nothing but its background
 BATCH = 512
 
@@ -119,7 +120,7 @@ def main() -> None:
                             flat_patches(images, val.grid), val.labels, train.labels[:n], val.grid)
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         save_nll_map(metrics, images.mean(0), "reports/prior_nll_map.png")
-        write_json_atomic("metrics/analyse_prior.json", metrics)
+        write_split_json("metrics/analyse_prior.json", "reports/analyse_prior_detail.json", metrics, HEADLINE)
         run.log_metrics(metrics)
         run.log_artifact("reports/prior_nll_map.png")
         flat = ("" if metrics["val_nll_flat"] is None else

@@ -20,12 +20,16 @@ import torch
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import TEST_IMAGES, read_uint8_images, score_samples
-from vqprior.io import extra_sample_sets, write_json_atomic
+from vqprior.io import extra_sample_sets, write_split_json
 from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
 from vqprior.models.classifier import CLASSIFIER
 from vqprior.runtime import resolve_runtime
 
 CLASSIFIER_WEIGHTS = "models/classifier.pt"
+# what metrics/evaluate.json holds (with the floor and ceilings beside it); the rest goes to reports/evaluate_detail.json
+HEADLINE = ("fid", "precision", "recall", "fid_mean", "fid_std", "precision_mean", "recall_mean", "classifier_fid",
+            "floor_fid", "floor_precision", "floor_recall", "rfid", "prior_ceiling_fid", "prior_ceiling_precision",
+            "prior_ceiling_recall", "seconds")
 
 
 def read_metrics(path: str, stage: str, keys) -> dict:
@@ -87,10 +91,12 @@ def main() -> None:
                                  f"split's are {real_shape}; re-run `dvc repro sample`")
         if not Path(CLASSIFIER_WEIGHTS).exists():
             raise SystemExit(f"error: {CLASSIFIER_WEIGHTS} not found; run `dvc repro train_classifier` first")
-        context = read_metrics("metrics/reference.json", "reference",
-                               [f"floor_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
+        context = read_metrics("metrics/reference.json", "reference", [f"floor_{k}" for k in ("fid", "precision", "recall")])
+        context |= read_metrics("reports/reference_detail.json", "reference", ["floor_recall_by_class"])
         context |= read_metrics("metrics/reconstruction.json", "reconstruction_fid",
-                                ["rfid"] + [f"prior_ceiling_{k}" for k in ("fid", "precision", "recall", "recall_by_class")])
+                                ["rfid"] + [f"prior_ceiling_{k}" for k in ("fid", "precision", "recall")])
+        context |= read_metrics("reports/reconstruction_detail.json", "reconstruction_fid",
+                                ["prior_ceiling_recall_by_class"])
         accuracy = read_metrics("metrics/train_classifier.json", "train_classifier", ["test_accuracy"])["test_accuracy"]
         print(f"evaluate: {len(generated)} samples vs the cached test features, {INCEPTION}")
         metrics = score_samples(generated, p.evaluate, str(runtime.device), by_class=True, labels=labels)
@@ -100,9 +106,10 @@ def main() -> None:
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
                                       str(runtime.device))
         metrics["classifier_test_accuracy"] = accuracy
-        write_json_atomic("metrics/evaluate.json", metrics)
+        write_split_json("metrics/evaluate.json", "reports/evaluate_detail.json", metrics, HEADLINE)
         run.log_metrics(metrics)
         run.log_artifact("metrics/evaluate.json")
+        run.log_artifact("reports/evaluate_detail.json")
         print(f"evaluate: FID {metrics['fid']:.2f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
               f"(floor {metrics['floor_fid']:.2f} / {metrics['floor_precision']:.3f} / {metrics['floor_recall']:.3f}; "
               f"perfect-prior ceiling {metrics['prior_ceiling_fid']:.2f} / {metrics['prior_ceiling_precision']:.3f} / "

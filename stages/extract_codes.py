@@ -16,12 +16,13 @@ from stages._tracking import tracked_run
 from vqprior.codes import CodeWriter
 from vqprior.config import load_params
 from vqprior.data.images import file_sha256, iter_image_batches, load_stats
-from vqprior.io import write_json_atomic
+from vqprior.io import write_split_json
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
 
 PREPARED, OUT = Path("data/prepared"), Path("data/codes")
 SPLITS = ("train", "val", "test")
+HEADLINE = ("seconds", "peak_rss_mb")  # metrics/; counts and shapes go to reports/
 
 
 def main() -> None:
@@ -58,7 +59,7 @@ def main() -> None:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
             "grid_height": gh, "grid_width": gw, "codebook_size": meta["codebook_size"],
         }
-        write_json_atomic("metrics/extract_codes.json", metrics)
+        write_split_json("metrics/extract_codes.json", "reports/extract_codes_detail.json", metrics, HEADLINE)
         run.log_metrics(metrics)
         flips = f" (+{rows - total} flipped train rows)" if rows > total else ""
         print(f"extract_codes: {total} images{flips} in {seconds:.1f}s ({metrics['images_per_second']:.0f} img/s), grid {gh}x{gw}")

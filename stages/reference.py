@@ -10,9 +10,12 @@ from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, inception_bf16,
                               read_labelled_images, save_features, timed_features)
-from vqprior.io import write_json_atomic
+from vqprior.io import write_split_json
 from vqprior.metrics import INCEPTION, metrics_from_features, precision_recall_by_class
 from vqprior.runtime import resolve_runtime
+
+
+HEADLINE = ("floor_fid", "floor_precision", "floor_recall", "seconds")  # metrics/; the rest goes to reports/
 
 
 def main() -> None:
@@ -43,7 +46,7 @@ def main() -> None:
             "inception_precision": "bf16" if kw["bf16"] else "fp32", "inception_images": len(test) + len(train),
             "seconds": round(seconds, 1), "images_per_second": round((len(test) + len(train)) / seconds, 1),
         }
-        write_json_atomic("metrics/reference.json", metrics)
+        write_split_json("metrics/reference.json", "reports/reference_detail.json", metrics, HEADLINE)
         run.log_metrics(metrics)
         print(f"reference: floor (first {len(train)} train vs first {len(test)} test) FID {floor['fid']:.2f}, "
               f"precision {floor['precision']:.3f}, recall {floor['recall']:.3f} ({seconds:.0f}s, "

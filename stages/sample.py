@@ -11,12 +11,13 @@ import numpy as np
 
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.io import extra_sample_set, extra_sample_sets, save_npy, write_json_atomic
+from vqprior.io import extra_sample_set, extra_sample_sets, save_npy, write_split_json
 from vqprior.plots import save_sample_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import generate, load_generator
 
 OUT = Path("data/samples")
+HEADLINE = ("samples_per_second", "unique_codes_used")  # metrics/; the settings and counts go to reports/
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
             "num_classes": classes, "guidance": cfg.guidance if classes else None,
             "unique_codes_used": int(np.unique(out.codes.numpy()).size), "seeds": cfg.seeds,
         }
-        write_json_atomic("metrics/sample.json", metrics)
+        write_split_json("metrics/sample.json", "reports/sample_detail.json", metrics, HEADLINE)
         run.log_metrics(metrics)
         run.log_artifact("reports/samples.png")
         guided = f", {classes} classes, guidance {cfg.guidance}" if classes else ""

@@ -2,7 +2,8 @@
 
 The point `sample` drew and `evaluate` scored is a row of the table too (marked `evaluate`), so the grid need not
 repeat it: the default grid holds only the points that differ from `sample`'s settings.
-Writes metrics/sweep.json ({"points": [...], "best": index, ...}), plots/sweep.csv and reports/sweep.png
+Writes metrics/sweep.json (the best point: `best_temperature`, ..., `best_fid`, `best_precision`, `best_recall`),
+reports/sweep_detail.json ({"points": [...], "best": index, "criterion": ...}), plots/sweep.csv and reports/sweep.png
 (precision against recall, FID against temperature). Only the points of the current grid count: folders left by
 points since removed from params.yaml are ignored.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from stages._tracking import tracked_run
 from vqprior.config import SampleParams, SweepParams, load_params
 from vqprior.figures import plt, save_figure
-from vqprior.io import write_json_atomic
+from vqprior.io import write_split_json
 from vqprior.plots import write_csv
 
 POINTS = Path("data/sweep")
@@ -23,6 +24,7 @@ SAMPLE_METRICS, EVALUATE_METRICS = Path("metrics/sample.json"), Path("metrics/ev
 COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "kid", "precision", "recall", "f_score", "num_samples",
            "unique_codes_used", "source")
 SETTINGS = ("temperature", "top_k", "top_p", "guidance")
+BEST_COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "precision", "recall")  # the best point in metrics/
 
 
 def grid(cfg: SweepParams) -> list[tuple[float, int, float, float]]:
@@ -88,12 +90,13 @@ def main() -> None:
     with tracked_run("sweep", p) as run:
         points = all_points(p.sweep, p.sample)
         best = min(range(len(points)), key=lambda i: points[i]["fid"])
-        summary = {"points": points, "best": best, "criterion": "lowest fid", "best_point": points[best]}
-        write_json_atomic("metrics/sweep.json", summary)
+        best_point = {f"best_{k}": points[best][k] for k in BEST_COLUMNS}
+        summary = best_point | {"points": points, "best": best, "criterion": "lowest fid"}
+        write_split_json("metrics/sweep.json", "reports/sweep_detail.json", summary, best_point)
         write_csv("plots/sweep.csv", points)
         plot(points, best, "reports/sweep.png")
         run.log_metrics({f"best_{k}": v for k, v in points[best].items() if v is not None})
-        for path in ("metrics/sweep.json", "plots/sweep.csv", "reports/sweep.png"):
+        for path in ("metrics/sweep.json", "reports/sweep_detail.json", "plots/sweep.csv", "reports/sweep.png"):
             run.log_artifact(path)
         print(f"sweep: {len(points)} points; best by FID: {describe(points[best])}")
         for pt in points:

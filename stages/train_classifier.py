@@ -9,7 +9,7 @@ import torch
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.data.images import load_stats, read_images
-from vqprior.io import write_json_atomic
+from vqprior.io import write_split_json
 from vqprior.models import save_model
 from vqprior.models.classifier import Classifier, scale_images
 from vqprior.runtime import resolve_runtime, seed_everything
@@ -17,6 +17,7 @@ from vqprior.training import fingerprint, fit
 
 PREPARED = Path("data/prepared")
 CHECKPOINT = Path("checkpoints/train_classifier.pt")
+HEADLINE = ("test_accuracy", "train_seconds")  # metrics/; the rest goes to reports/
 
 
 def load_split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +75,7 @@ def main() -> None:
             "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_json_atomic("metrics/train_classifier.json", metrics)
+        write_split_json("metrics/train_classifier.json", "reports/train_classifier_detail.json", metrics, HEADLINE)
         run.log_metrics(metrics)
         CHECKPOINT.unlink(missing_ok=True)
         print(f"train_classifier: test accuracy {test['acc']:.4f} (val {metrics['val_accuracy']:.4f}), "

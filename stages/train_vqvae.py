@@ -10,7 +10,7 @@ import torch
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.data.images import Normalisation, load_stats, read_images
-from vqprior.io import write_json_atomic
+from vqprior.io import write_split_json
 from vqprior.models import save_model
 from vqprior.models.quantizer import codebook_stats
 from vqprior.models.vqvae import VQVAE
@@ -20,6 +20,7 @@ from vqprior.training import fingerprint, fit
 
 PREPARED = Path("data/prepared")
 CHECKPOINT = Path("checkpoints/train_vqvae.pt")  # resume state; removed once the stage finishes
+HEADLINE = ("test_mse", "test_psnr", "perplexity", "train_seconds")  # metrics/; the rest goes to reports/
 # per-epoch grids are drawn beside the checkpoint and moved to EPOCH_GRIDS at the end: DVC deletes a stage's outputs
 # before it re-runs, so a resumed run would otherwise lose the grids of the epochs before the crash
 EPOCH_GRIDS_DRAFT, EPOCH_GRIDS = Path("checkpoints/train_vqvae_epochs"), Path("reports/vqvae_epochs")
@@ -108,7 +109,7 @@ def main() -> None:
             "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_json_atomic("metrics/train_vqvae.json", metrics)
+        write_split_json("metrics/train_vqvae.json", "reports/train_vqvae_detail.json", metrics, HEADLINE)
         write_history_csv("plots/train_vqvae.csv", result.history)
         reconstruction_grid(model, x_val, "reports/vqvae_reconstructions.png", runtime)  # the best epoch's
         shutil.rmtree(EPOCH_GRIDS, ignore_errors=True)

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import subprocess
@@ -5,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -19,6 +21,23 @@ def require_fashion_mnist() -> Path:
         pytest.fail(f"Fashion-MNIST IDX files not found under {DEBIAN_FASHION_MNIST}: run `make data` "
                     "(installs Debian's dataset-fashion-mnist), as `make test` does", pytrace=False)
     return DEBIAN_FASHION_MNIST
+
+
+def params_with(changes: dict | None = None, base: str = "profiles/smoke.yaml") -> dict:
+    """A complete params dict: `base` with `changes` merged in key by key. The typed params have no defaults (the
+    params files are their one source), so a test starts from a whole file and names only what it changes."""
+    def merge(into: dict, extra: dict) -> dict:
+        return into | {k: merge(into.get(k, {}), v) if isinstance(v, dict) else v for k, v in extra.items()}
+
+    return merge(yaml.safe_load((ROOT / base).read_text()), changes or {})
+
+
+def stage_report(root: Path, name: str) -> dict:
+    """All a stage reported: its headline metrics/<name>.json and reports/<name>_detail.json, which share no key."""
+    headline = json.loads((root / f"metrics/{name}.json").read_text())
+    detail = json.loads((root / f"reports/{name}_detail.json").read_text())
+    assert not headline.keys() & detail.keys(), f"{name}: keys in both files"
+    return headline | detail
 
 
 def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:

@@ -5,7 +5,7 @@ import torch
 
 from stages.analyse_prior import flat_patches, summarise, token_nll
 from vqprior.codes import CodeGrid
-from vqprior.config import ComputeParams, PriorModelParams
+from small_params import SMALL_PRIOR, cpu
 from vqprior.models.prior import Prior
 from vqprior.runtime import resolve_runtime
 
@@ -50,13 +50,13 @@ def test_no_flat_patch_leaves_its_nll_empty_not_nan():
 @pytest.mark.parametrize("classes", [0, 3])
 def test_token_nll_averages_to_the_priors_own_loss(classes):
     torch.manual_seed(0)
-    prior = Prior(PriorModelParams(d_model=32, n_layers=1, n_heads=2, dropout=0.0, num_classes=classes), vocab=16,
+    prior = Prior(SMALL_PRIOR.model_copy(update={"n_layers": 1, "num_classes": classes}), vocab=16,
                   length=6).eval()
     codes = torch.randint(0, 16, (700, 2, 3))  # more than one batch of 512
     labels = torch.randint(0, max(classes, 1), (700,))
     grids = CodeGrid(codes.numpy().astype(np.uint16), labels.numpy(), np.arange(700), np.array(["none"] * 700),
                      {"grid_height": 2, "grid_width": 3, "codebook_size": 16})
-    runtime = resolve_runtime(ComputeParams(device="cpu", precision="fp32"))
+    runtime = resolve_runtime(cpu())
     nll = token_nll(prior, grids, runtime)
     with torch.no_grad():
         expected, _ = prior.loss(codes.reshape(700, 6), labels if classes else None)

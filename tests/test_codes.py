@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vqprior.codes import CodeWriter, read_codes, read_meta
-from vqprior.config import VQVAEModelParams
+from small_params import SMALL_VQ
 from vqprior.models.vqvae import VQVAE
 
 META = {"grid_height": 3, "grid_width": 2, "codebook_size": 1000, "vqvae_sha256": "ab" * 32,
@@ -71,7 +71,7 @@ def test_file_without_augmentation_column_asks_for_a_rerun(tmp_path):
 def test_codes_read_back_decode_like_the_encoder_output(tmp_path):
     """The extract_codes round trip on a tiny untrained VQ-VAE: Parquet keeps the codes, flipped rows included."""
     torch.manual_seed(0)
-    model = VQVAE(VQVAEModelParams(channels=8, res_blocks=0, downsamples=2, codebook_size=300, code_dim=4)).eval()
+    model = VQVAE(SMALL_VQ.model_copy(update={"channels": 8, "res_blocks": 0, "codebook_size": 300, "code_dim": 4})).eval()
     x = torch.rand(5, 1, 12, 8) * 2 - 1
     meta = {**META, "codebook_size": 300}
     with torch.no_grad(), CodeWriter(tmp_path / "train.parquet", "train", meta) as w:

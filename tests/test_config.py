@@ -2,35 +2,70 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from vqprior.config import ParamsError, load_params, parse_params
+from conftest import params_with
+from vqprior.config import Params, ParamsError, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
+PARAMS_FILES = ["params.yaml", *sorted(str(f.relative_to(ROOT)) for f in (ROOT / "profiles").glob("*.yaml"))]
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "profiles/smoke.yaml"])
+@pytest.mark.parametrize("name", PARAMS_FILES)
 def test_shipped_params_files_are_valid(name):
     p = load_params(ROOT / name)
-    assert p.train_vqvae.model.codebook_size >= 2
-    assert p.sample.num_samples >= 1
+    assert p.train_vqvae.model.codebook_size >= 5
+    assert p.sample.num_samples > p.evaluate.prc_neighborhood
 
 
-def test_params_files_list_every_key():
-    """The shipped files are complete: every section and key of the typed model is written out."""
-    defaults = parse_params({}).model_dump()
-    for name in ["params.yaml", "profiles/smoke.yaml"]:
-        raw = yaml.safe_load((ROOT / name).read_text())
-
-        def keys(d, prefix=""):
-            return {f"{prefix}{k}" for k in d} | {x for k, v in d.items() if isinstance(v, dict) for x in keys(v, f"{prefix}{k}.")}
-
-        assert keys(raw) == keys(defaults), name
+def model_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    """Every dotted key of the typed params, sections included."""
+    keys = set()
+    for name, field in model.model_fields.items():
+        keys.add(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= model_keys(field.annotation, f"{prefix}{name}.")
+    return keys
 
 
-def _error(raw):
+def file_keys(raw: dict, prefix: str = "") -> set[str]:
+    return {prefix + k for k in raw} | {x for k, v in raw.items() if isinstance(v, dict) for x in file_keys(v, f"{prefix}{k}.")}
+
+
+@pytest.mark.parametrize("name", PARAMS_FILES)
+def test_params_files_and_the_typed_model_have_the_same_keys(name):
+    """params.yaml and the typed model describe the same knobs: no key only in one of them."""
+    raw = yaml.safe_load((ROOT / name).read_text())
+    assert file_keys(raw) == model_keys(Params)
+
+
+def test_the_typed_model_has_no_defaults():
+    """params.yaml is the one source of default values: a default in the code could drift from it unseen."""
+    def with_defaults(model: type[BaseModel], prefix: str = "") -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            if not field.is_required():
+                found.append(prefix + name)
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                found += with_defaults(field.annotation, f"{prefix}{name}.")
+        return found
+
+    assert with_defaults(Params) == []
+
+
+def _error(changes, base="profiles/smoke.yaml"):
+    with pytest.raises(ParamsError) as info:
+        parse_params(params_with(changes, base), "params.yaml")
+    return str(info.value.code)
+
+
+def test_a_missing_key_is_named():
+    raw = params_with()
+    del raw["train_vqvae"]["model"]["code_dim"]
     with pytest.raises(ParamsError) as info:
         parse_params(raw, "params.yaml")
-    return str(info.value.code)
+    assert str(info.value.code) == ("error: params.yaml: missing key 'train_vqvae.model.code_dim' (every key is "
+                                    "required; copy it from params.yaml); fix it and run again")
 
 
 def test_unknown_key_is_named_with_its_dotted_path():
@@ -47,9 +82,6 @@ def test_wrong_type_and_range_are_named():
 
 
 def test_conditioning_and_augmentation_keys_are_checked():
-    p = parse_params({})
-    assert p.train_prior.model.num_classes == 0 and p.train_prior.model.attn_dropout == 0.0
-    assert p.sample.guidance == 1.0 and p.extract_codes.hflip is False
     assert "train_prior.model.attn_dropout" in _error({"train_prior": {"model": {"attn_dropout": 1.0}}})
     assert "train_prior.model.num_classes" in _error({"train_prior": {"model": {"num_classes": -1}}})
     assert "train_prior.model.label_dropout" in _error({"train_prior": {"model": {"label_dropout": 1.5}}})
@@ -72,9 +104,10 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_model_shapes_that_would_crash_later_are_refused_up_front():
-    msg = _error({"train_vqvae": {"model": {"channels": 100}}})  # GroupNorm(8, 50) would fail in the stage
+    msg = _error({"train_vqvae": {"model": {"channels": 100, "downsamples": 2}}})  # GroupNorm(8, 50) would fail
     assert "train_vqvae.model" in msg and "[50, 100]" in msg and "multiple of 8" in msg and "try 16" in msg
-    assert parse_params({"train_vqvae": {"model": {"channels": 48, "downsamples": 2}}}).train_vqvae.model.widths == [24, 48]
+    p = parse_params(params_with({"train_vqvae": {"model": {"channels": 48, "downsamples": 2}}}))
+    assert p.train_vqvae.model.widths == [24, 48]
     assert "train_vqvae.model.codebook_size" in _error({"train_vqvae": {"model": {"codebook_size": 4}}})  # top-5
 
 

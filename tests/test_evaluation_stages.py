@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, stage_report
 from test_metrics import fashion_like
 from stages import evaluate, reconstruction_fid, reference
 from vqprior import features, metrics as M
@@ -45,7 +45,7 @@ def repo(tmp_path, monkeypatch):
     torch.manual_seed(0)
     save_model("models/vqvae.pt", VQVAE(VQVAEModelParams(**params["train_vqvae"]["model"]), in_channels=1),
                in_channels=1)
-    save_model("models/classifier.pt", Classifier(ClassifierModelParams(channels=8, feature_dim=32), 1, 10),
+    save_model("models/classifier.pt", Classifier(ClassifierModelParams(channels=8, feature_dim=32), in_channels=1, num_classes=10),
                in_channels=1, num_classes=10, image_shape=[28, 28, 1])  # untrained: a fixed random feature space
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics/train_classifier.json").write_text(json.dumps({"test_accuracy": 0.5}))
@@ -61,14 +61,14 @@ def repo(tmp_path, monkeypatch):
     return {"test": images[:N], "train": images[N + 10 : 2 * N + 10], "samples": samples}
 
 
-def test_reference_reconstruction_and_evaluate_stages(repo):
+def test_reference_reconstruction_and_evaluate_stages(repo, tmp_path):
     reference.main()
     reconstruction_fid.main()
     evaluate.main()
     test_feats = np.load("data/reference/test_features.npy")
     assert test_feats.shape == (N, 64) and np.load("data/reference/train_features.npy").shape == (N, 64)
 
-    ref = json.loads(open("metrics/reference.json").read())
+    ref = stage_report(tmp_path, "reference")
     floor = M.fidelity_metrics(repo["train"], repo["test"], extractor=M.TINY, kid=True)
     assert ref["floor_fid"] == pytest.approx(floor["fid"], rel=1e-6)
     assert ref["floor_precision"] == pytest.approx(floor["precision"]) and ref["floor_kid"] == pytest.approx(floor["kid"], rel=1e-6)
@@ -77,7 +77,7 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     assert ref["floor_recall_by_class"] == {"0": pytest.approx(ref["floor_recall"])}  # every image is class 0 here
     assert ref["floor_precision_by_class"] == {"0": pytest.approx(ref["floor_precision"])}
 
-    rec = json.loads(open("metrics/reconstruction.json").read())
+    rec = stage_report(tmp_path, "reconstruction")
     assert {"rfid", "rprecision", "rrecall", "num_images", "seconds"} <= rec.keys() and rec["num_images"] == N
     assert rec["rfid"] > 0
     # the perfect-prior ceiling: the floor's train images (not the reference ones) reconstructed, vs the test features
@@ -94,7 +94,9 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     assert rec["prior_ceiling_recall_by_class"] == {"0": pytest.approx(ceiling["recall"], rel=1e-6)}
     assert rec["prior_ceiling_precision_by_class"] == {"0": pytest.approx(ceiling["precision"], rel=1e-6)}
 
-    ev = json.loads(open("metrics/evaluate.json").read())
+    ev = stage_report(tmp_path, "evaluate")
+    # the metrics file holds the headline only: by class, per set and the protocol sit in reports/evaluate_detail.json
+    assert set(json.loads(open("metrics/evaluate.json").read())) == set(evaluate.HEADLINE)
     direct = M.fidelity_metrics(repo["samples"], repo["test"], extractor=M.TINY, kid=True)
     for key in ("fid", "precision", "recall", "f_score", "kid"):
         assert ev[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-12), key
@@ -114,13 +116,13 @@ def test_reference_reconstruction_and_evaluate_stages(repo):
     assert ev["sample_sets"] == 1 and ev["fid_mean"] == ev["fid"] and ev["fid_std"] == 0.0  # no extra sets
 
 
-def test_evaluate_reports_the_spread_over_the_extra_sample_sets(repo):
+def test_evaluate_reports_the_spread_over_the_extra_sample_sets(repo, tmp_path):
     reference.main()
     reconstruction_fid.main()
     other = (repo["test"].float() * 0.5 + 60).round().to(torch.uint8)  # a second set, as `sample.seeds: 2` writes it
     np.save("data/samples/images_seed1235.npy", other.numpy())
     evaluate.main()
-    ev = json.loads(open("metrics/evaluate.json").read())
+    ev = stage_report(tmp_path, "evaluate")
     direct = [M.fidelity_metrics(x, repo["test"], extractor=M.TINY, kid=True) for x in (repo["samples"], other)]
     assert ev["sample_sets"] == 2 and ev["fid"] == ev["per_set"]["fid"][0]  # the headline is the first set
     for key in ("fid", "precision", "recall"):

@@ -23,7 +23,7 @@ def _gradient(w, h, mode="RGB"):
 
 
 def make_bad_folder(root, outside):
-    """root/{shirts,shoes}/... with every kind of file the issue lists; returns what each name should become."""
+    """root/{shirts,shoes}/... with every kind of bad file `prepare` must handle; returns what each name should become."""
     shirts, shoes = root / "shirts", root / "shoes"
     shirts.mkdir(parents=True)
     shoes.mkdir()

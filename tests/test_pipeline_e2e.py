@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import run
+from conftest import run, stage_report
 
 # profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [20] x top_p [1.0] x guidance [1.0]; the sample
 # settings' own point (top_k 0) is evaluate's, a row of the sweep's table without a stage of its own
@@ -37,16 +37,16 @@ def test_smoke_dag_end_to_end(smoke_repo):
     for png in ("prepare_examples", "vqvae_reconstructions", "samples"):
         assert (smoke_repo / f"reports/{png}.png").stat().st_size > 1000
 
-    metrics = {s: json.loads((smoke_repo / f"metrics/{s}.json").read_text())
-               for s in ("prepare", "reference", "train_classifier", "train_vqvae", "reconstruction", "extract_codes",
-                         "train_prior", "sample", "evaluate")}
+    metrics = {s: stage_report(smoke_repo, s) for s in ("reference", "train_classifier", "train_vqvae", "reconstruction",
+                                                       "extract_codes", "train_prior", "sample", "evaluate")}
+    metrics["prepare"] = json.loads((smoke_repo / "metrics/prepare.json").read_text())  # its detail: reports/prepare.json
     assert metrics["prepare"] == {"train_images": 2700, "val_images": 300, "test_images": 500, "dropped_total": 0}
     assert len(list((smoke_repo / "reports/vqvae_epochs").glob("epoch_*.png"))) == 3
     assert metrics["train_vqvae"]["test_mse"] < 0.05 and metrics["train_vqvae"]["epochs"] == 3
     assert metrics["extract_codes"]["images"] == 3500
     assert 0 < metrics["train_prior"]["val_nll"] < np.log(64)  # better than uniform over 64 codes
     # where the prior's NLL goes: its per-code val NLL averages to train_prior's own (the saved, best weights)
-    nll = json.loads((smoke_repo / "metrics/analyse_prior.json").read_text())
+    nll = stage_report(smoke_repo, "analyse_prior")
     assert nll["val_nll"] == pytest.approx(metrics["train_prior"]["val_nll"], abs=2e-3)
     assert np.shape(nll["val_nll_by_position"]) == (7, 7)
     assert np.mean(nll["val_nll_by_position"]) == pytest.approx(nll["val_nll"], abs=1e-3)
@@ -85,12 +85,14 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert ev["floor_recall_by_class"] == ref["floor_recall_by_class"] and len(ref["floor_recall_by_class"]) == 10
 
     # the sweep: evaluate's point (the `sample` settings) and one scored point per grid point, the best by FID named
-    sweep = json.loads((smoke_repo / "metrics/sweep.json").read_text())
+    sweep = stage_report(smoke_repo, "sweep")
     points = sweep["points"]
     assert [(q["temperature"], q["top_k"], q["top_p"], q["guidance"]) for q in points] == [(1.0, 0, 1.0, 1.0),
                                                                                           (1.0, 20, 1.0, 1.0)]
     assert all(q["num_samples"] == 200 and 0 < q["fid"] < 400 and 0 <= q["recall"] <= 1 for q in points)
-    assert sweep["best"] == min(range(2), key=lambda i: points[i]["fid"]) and sweep["best_point"] == points[sweep["best"]]
+    assert sweep["best"] == min(range(2), key=lambda i: points[i]["fid"])
+    assert {k: sweep[f"best_{k}"] for k in ("temperature", "top_k", "fid", "recall")} == {
+        k: points[sweep["best"]][k] for k in ("temperature", "top_k", "fid", "recall")}
     assert points[0]["fid"] == ev["fid"] and points[0]["precision"] == ev["precision"]
     assert [q["source"] for q in points] == ["evaluate", "sweep_point"]
     assert points[1]["fid"] != points[0]["fid"]  # top-k 20 of 64 codes changes the samples
@@ -134,7 +136,7 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
     assert ran == ["sweep", "sweep_point@1.0-20-1.0-3.0"]
-    points = json.loads((smoke_repo / "metrics/sweep.json").read_text())["points"]
+    points = stage_report(smoke_repo, "sweep")["points"]
     assert [q["guidance"] for q in points] == [1.0, 1.0, 3.0]
     guided, plain = (np.load(smoke_repo / f"data/sweep/t1.0-k20-p1.0-g{g}/images.npy") for g in ("3.0", "1.0"))
     assert guided.shape == images.shape and not np.array_equal(guided, plain)  # guidance changes the samples

@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from conftest import params_with
 from stages.sweep import all_points, grid, read_points
 from vqprior.config import ParamsError, SweepParams, parse_params
 
@@ -32,7 +33,7 @@ def test_evaluate_point_is_a_row_unless_the_grid_repeats_it(tmp_path):
     sample, evaluate = tmp_path / "sample.json", tmp_path / "evaluate.json"
     sample.write_text(json.dumps({"temperature": 1.0, "unique_codes_used": 250}))
     evaluate.write_text(json.dumps({"fid": 21.5, "precision": 0.7, "recall": 0.6, "kid": 0.01, "num_samples": 10}))
-    settings = parse_params({"sample": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance": 1.0}}).sample
+    settings = parse_params(params_with({"sample": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance": 1.0}})).sample
     cfg = SweepParams(temperature=[1.0], top_k=[0], top_p=[1.0], guidance=[1.5])
     points = all_points(cfg, settings, tmp_path, sample, evaluate)
     assert [(q["guidance"], q["fid"], q["source"]) for q in points] == [(1.0, 21.5, "evaluate"), (1.5, 20.0, "sweep_point")]
@@ -45,7 +46,7 @@ def test_evaluate_point_is_a_row_unless_the_grid_repeats_it(tmp_path):
 def test_a_missing_point_is_named(tmp_path):
     _write_point(tmp_path, 1.0, 0, 1.0, fid=30.0)
     with pytest.raises(SystemExit, match=r"\(1\.0, 50, 1\.0, 1\.0\).*dvc repro sweep"):
-        read_points(SweepParams(temperature=[1.0], top_k=[0, 50], top_p=[1.0]), tmp_path)
+        read_points(SweepParams(temperature=[1.0], top_k=[0, 50], top_p=[1.0], guidance=[1.0]), tmp_path)
 
 
 @pytest.mark.parametrize("sweep, message", [
@@ -56,11 +57,12 @@ def test_a_missing_point_is_named(tmp_path):
 ])
 def test_bad_grids_fail_at_start_up(sweep, message):
     with pytest.raises(ParamsError, match=message):
-        parse_params({"sweep": sweep})
+        parse_params(params_with({"sweep": sweep}))
 
 
 def test_a_guidance_grid_needs_a_conditional_prior():
     with pytest.raises(ParamsError, match="unconditional prior.*keep one value"):
-        parse_params({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 0}}})
-    conditional = parse_params({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 10}}})
+        parse_params(params_with({"sweep": {"guidance": [1.0, 2.0]}, "train_prior": {"model": {"num_classes": 0}}}))
+    conditional = parse_params(params_with({"sweep": {"guidance": [1.0, 2.0]},
+                                            "train_prior": {"model": {"num_classes": 10}}}))
     assert conditional.sweep.guidance == [1.0, 2.0]

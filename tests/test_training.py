@@ -1,11 +1,12 @@
 import pytest
 import torch
 
-from vqprior.config import ComputeParams, TrainParams
+from small_params import cpu
+from vqprior.config import TrainParams
 from vqprior.runtime import resolve_runtime
 from vqprior.training import TrainingDiverged, fit, lr_factor
 
-CPU = resolve_runtime(ComputeParams(device="cpu", precision="fp32"))
+CPU = resolve_runtime(cpu())
 
 
 def make_problem(seed=0):
@@ -24,7 +25,7 @@ def make_problem(seed=0):
     return model, step, evaluate
 
 
-P = TrainParams(epochs=4, batch_size=16, lr=0.01, warmup_steps=2, patience=10)
+P = TrainParams(epochs=4, batch_size=16, lr=0.01, weight_decay=0.0, warmup_steps=2, grad_clip=1.0, patience=10)
 
 
 def test_loss_falls_and_best_weights_are_kept(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vqprior.config import ComputeParams
+from small_params import cpu
 from vqprior.io import atomic_path, write_json_atomic
 from vqprior.plots import save_grid, write_history_csv
 from vqprior.runtime import cpu_has_bf16, resolve_precision, resolve_runtime
@@ -23,17 +23,17 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
 
 
 def test_runtime_resolution_on_cpu(monkeypatch):
-    rt = resolve_runtime(ComputeParams(device="cpu", precision="fp32"))
+    rt = resolve_runtime(cpu())
     assert rt.device.type == "cpu" and rt.precision == "fp32"
-    auto = resolve_runtime(ComputeParams(device="cpu", precision="auto"))
+    auto = resolve_runtime(cpu(precision="auto"))
     assert auto.precision == ("bf16" if cpu_has_bf16() else "fp32")
     with auto.autocast():
         y = torch.ones(4, 4) @ torch.ones(4, 4)
     assert y.dtype == (torch.bfloat16 if auto.precision == "bf16" else torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     with pytest.raises(SystemExit, match="no CUDA GPU"):
-        resolve_runtime(ComputeParams(device="cuda"))
-    assert resolve_runtime(ComputeParams(device="auto")).device.type in ("cpu", "mps")
+        resolve_runtime(cpu(device="cuda", precision="auto"))
+    assert resolve_runtime(cpu(device="auto", precision="auto")).device.type in ("cpu", "mps")
 
 
 def test_auto_precision_never_picks_bf16_under_an_avx2_kernel_cap(monkeypatch):
@@ -53,9 +53,9 @@ def test_compile_option_keeps_names_and_outputs():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     x = torch.randn(3, 4)
     eager, names = model(x), list(model.state_dict())
-    resolve_runtime(ComputeParams(device="cpu", precision="fp32", compile=False)).maybe_compile(model)
+    resolve_runtime(cpu(compile=False)).maybe_compile(model)
     assert model._compiled_call_impl is None
-    resolve_runtime(ComputeParams(device="cpu", precision="fp32", compile=True)).maybe_compile(model)
+    resolve_runtime(cpu(compile=True)).maybe_compile(model)
     assert model._compiled_call_impl is not None
     assert list(model.state_dict()) == names  # checkpoints load into compiled and eager models alike
     torch.testing.assert_close(model(x), eager)

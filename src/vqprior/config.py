@@ -2,6 +2,9 @@
 
 `load_params()` validates the whole file so that a typo anywhere fails at start-up
 with the key's dotted name, before any heavy work.
+
+The fields have no defaults: params.yaml (or a complete file from profiles/) is the one source of every value, and
+its comment beside each key is the one description of it. These models only check types, ranges and combinations.
 """
 from __future__ import annotations
 
@@ -24,12 +27,11 @@ class Section(BaseModel):
 
 
 class DataParams(Section):
-    source: Literal["fashion_mnist", "mnist", "cifar10", "stl10", "image_folder"] = "fashion_mnist"
-    root: str | None = Field(None, description="the data's folder, looked at first (image_folder: required)")
-    download: bool = Field(True, description="fall back to torchvision's download if no local copy exists")
-    image_size: int | None = Field(None, ge=8, description="side of the square prepared images; null: the source's "
-                                   "own (image_folder: required)")
-    channels: Literal[0, 1, 3] = Field(0, description="1 gray, 3 RGB; 0: the source's own (image_folder: RGB)")
+    source: Literal["fashion_mnist", "mnist", "cifar10", "stl10", "image_folder"]
+    root: str | None
+    download: bool
+    image_size: int | None = Field(ge=8)
+    channels: Literal[0, 1, 3]
 
     @model_validator(mode="after")
     def _folder_needs_root_and_size(self):
@@ -39,55 +41,51 @@ class DataParams(Section):
 
 
 class ComputeParams(Section):
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default")
-    compile: bool = Field(False, description="torch.compile the training models (pays off on GPUs; not on 2 CPU cores)")
+    device: Literal["auto", "cpu", "cuda", "mps"]
+    precision: Literal["auto", "fp32", "bf16"]
+    threads: int = Field(ge=0)
+    compile: bool
 
 
 class PrepareParams(Section):
-    val_fraction: float = Field(0.1, gt=0, lt=1)
-    test_fraction: float = Field(0.1, gt=0, lt=1, description="share held out as test when the source has no test split")
-    max_train: int | None = Field(None, ge=100, description="subset of the train split (smoke runs)")
-    max_test: int | None = Field(None, ge=50, description="subset of the test split (smoke runs)")
-    drop_duplicates: bool = True
-    near_duplicate_bits: int | None = Field(None, ge=0, le=16, description="also drop an image whose 64-bit perceptual "
-                                            "hash is within this many bits of an earlier one's; null: off")
-    min_size: int = Field(16, ge=1, description="files whose shorter side is below this many pixels are dropped")
-    max_aspect: float = Field(4.0, ge=1, description="files whose long side / short side exceeds this are dropped")
-    workers: int = Field(0, ge=0, description="processes decoding image files; 0: all cores")
-    normalisation: Literal["scale", "standardize"] = Field(
-        "scale", description="scale: pixels to [-1, 1]; standardize: per channel (x - mean) / std with train statistics")
+    val_fraction: float = Field(gt=0, lt=1)
+    test_fraction: float = Field(gt=0, lt=1)
+    max_train: int | None = Field(ge=100)
+    max_test: int | None = Field(ge=50)
+    drop_duplicates: bool
+    near_duplicate_bits: int | None = Field(ge=0, le=16)
+    min_size: int = Field(ge=1)
+    max_aspect: float = Field(ge=1)
+    workers: int = Field(ge=0)
+    normalisation: Literal["scale", "standardize"]
 
 
 class TrainParams(Section):
     """Optimisation knobs shared by the VQ-VAE and the prior."""
 
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(1e-3, gt=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    warmup_steps: int = Field(100, ge=0)
-    grad_clip: float = Field(1.0, ge=0, description="max grad norm; 0 disables clipping")
-    patience: int = Field(3, ge=1, description="epochs without val improvement before stopping")
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0, le=1)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    grad_clip: float = Field(ge=0)
+    patience: int = Field(ge=1)
 
 
 class VQVAEModelParams(Section):
-    channels: int = Field(64, ge=8)
-    res_blocks: int = Field(2, ge=0, description="residual blocks at the code grid's resolution in the decoder")
-    encoder_res_blocks: int | None = Field(None, ge=0, description="the encoder's; null: as many as the decoder's. "
-                                           "Fewer give more local codes (an easier prior) and faster extraction")
-    downsamples: int = Field(2, ge=1, le=4)
-    codebook_size: int = Field(256, ge=5, le=65535)  # codes are stored as uint16; the prior reports top-5 accuracy
-    code_dim: int = Field(32, ge=2)
-    ema_decay: float = Field(0.99, gt=0, lt=1)
-    commitment: float = Field(0.25, ge=0)
-    dead_code_steps: int = Field(50, ge=1, description="steps unused before a code is restarted")
-    kmeans_iters: int = Field(10, ge=0, description="k-means steps on the first batch's encoder outputs; 0 samples them")
-    l2_normalize: bool = Field(False, description="look codes up by cosine similarity of l2-normalised vectors")
-    usage_entropy: float = Field(0.0, ge=0, description="weight of a loss that spreads code use evenly (raises the "
-                                 "perplexity); 0: off")
-    recon_loss: Literal["mse", "l1"] = "mse"
+    channels: int = Field(ge=8)
+    res_blocks: int = Field(ge=0)
+    encoder_res_blocks: int | None = Field(ge=0)
+    downsamples: int = Field(ge=1, le=4)
+    codebook_size: int = Field(ge=5, le=65535)  # codes are stored as uint16; the prior reports top-5 accuracy
+    code_dim: int = Field(ge=2)
+    ema_decay: float = Field(gt=0, lt=1)
+    commitment: float = Field(ge=0)
+    dead_code_steps: int = Field(ge=1)
+    kmeans_iters: int = Field(ge=0)
+    l2_normalize: bool
+    usage_entropy: float = Field(ge=0)
+    recon_loss: Literal["mse", "l1"]
 
     @property
     def widths(self) -> list[int]:
@@ -103,25 +101,25 @@ class VQVAEModelParams(Section):
 
 
 class TrainVQVAEParams(Section):
-    model: VQVAEModelParams = VQVAEModelParams()
-    train: TrainParams = TrainParams()
-    hflip: bool = Field(False, description="random horizontal flips of training images")
+    model: VQVAEModelParams
+    train: TrainParams
+    hflip: bool
 
 
 class ExtractCodesParams(Section):
-    batch_size: int = Field(1024, ge=1)
-    hflip: bool = Field(False, description="also encode each train image flipped left-right, as an extra row tagged 'hflip'")
+    batch_size: int = Field(ge=1)
+    hflip: bool
 
 
 class PriorModelParams(Section):
-    d_model: int = Field(256, ge=16)
-    n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(4, ge=1)
-    dropout: float = Field(0.1, ge=0, lt=1)
-    attn_dropout: float = Field(0.0, ge=0, lt=1, description="share of attention-matrix positions masked at random while training")
-    token_noise: float = Field(0.0, ge=0, lt=1, description="share of input codes replaced by random codes while training")
-    num_classes: int = Field(0, ge=0, description="0: unconditional; else a class token replaces START")
-    label_dropout: float = Field(0.1, ge=0, le=1, description="chance a training label becomes the null class (for guidance)")
+    d_model: int = Field(ge=16)
+    n_layers: int = Field(ge=1)
+    n_heads: int = Field(ge=1)
+    dropout: float = Field(ge=0, lt=1)
+    attn_dropout: float = Field(ge=0, lt=1)
+    token_noise: float = Field(ge=0, lt=1)
+    num_classes: int = Field(ge=0)
+    label_dropout: float = Field(ge=0, le=1)
 
     @model_validator(mode="after")
     def _heads_divide_width(self):
@@ -131,30 +129,28 @@ class PriorModelParams(Section):
 
 
 class TrainPriorParams(Section):
-    model: PriorModelParams = PriorModelParams()
-    train: TrainParams = TrainParams()
+    model: PriorModelParams
+    train: TrainParams
 
 
 class SampleParams(Section):
-    num_samples: int = Field(2000, ge=1)
-    batch_size: int = Field(250, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
-    top_p: float = Field(1.0, gt=0, le=1, description="1.0 disables nucleus sampling")
-    guidance: float = Field(1.0, ge=0, description="classifier-free guidance of a conditional prior: 0 unconditional, 1 plain conditional, > 1 stronger")
-    seeds: int = Field(1, ge=1, description="sample sets drawn, with seeds seed, seed + 1, ...: the first is the "
-                       "headline, `evaluate` reports the spread over all (sampling noise)")
+    num_samples: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    temperature: float = Field(gt=0)
+    top_k: int = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    guidance: float = Field(ge=0)
+    seeds: int = Field(ge=1)
 
 
 class SweepParams(Section):
     """The sampling grid: every temperature x top_k x top_p x guidance point is sampled and scored (stages
     sweep_point, sweep)."""
 
-    temperature: list[Annotated[float, Field(gt=0)]] = Field([1.0], min_length=1)
-    top_k: list[Annotated[int, Field(ge=0)]] = Field([0], min_length=1, description="0 disables top-k")
-    top_p: list[Annotated[float, Field(gt=0, le=1)]] = Field([1.0], min_length=1, description="1.0 disables top-p")
-    guidance: list[Annotated[float, Field(ge=0)]] = Field([1.0], min_length=1, description="classifier-free guidance "
-                                                          "scales of a conditional prior (1: plain conditional)")
+    temperature: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
+    top_k: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    top_p: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=1)
+    guidance: list[Annotated[float, Field(ge=0)]] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _no_repeats(self):
@@ -166,41 +162,39 @@ class SweepParams(Section):
 
 
 class ClassifierModelParams(Section):
-    channels: int = Field(16, ge=4, description="width of the first conv block; the second is twice as wide")
-    feature_dim: int = Field(128, ge=8, description="width of the penultimate layer, the feature space for FID")
+    channels: int = Field(ge=4)
+    feature_dim: int = Field(ge=8)
 
 
 class TrainClassifierParams(Section):
-    model: ClassifierModelParams = ClassifierModelParams()
-    train: TrainParams = TrainParams(epochs=4, batch_size=256, lr=5e-3, warmup_steps=100, patience=2)
+    model: ClassifierModelParams
+    train: TrainParams
 
 
 class EvaluateParams(Section):
-    num_reference: int = Field(2000, ge=2, description="test images used as the real set")
-    batch_size: int = Field(50, ge=1)
-    prc_neighborhood: int = Field(3, ge=1, description="k of the k-NN precision/recall")
-    inception_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="Inception's precision; auto: bf16 only where native (as compute.precision), fp32 the "
-        "standard protocol (bf16 shifts FID by about 0.4 %)")
+    num_reference: int = Field(ge=2)
+    batch_size: int = Field(ge=1)
+    prc_neighborhood: int = Field(ge=1)
+    inception_precision: Literal["auto", "fp32", "bf16"]
 
 
 class TrackingParams(Section):
-    experiment: str = "vqprior"
+    experiment: str
 
 
 class Params(Section):
-    seed: int = Field(1234, ge=0)
-    data: DataParams = DataParams()
-    compute: ComputeParams = ComputeParams()
-    prepare: PrepareParams = PrepareParams()
-    train_vqvae: TrainVQVAEParams = TrainVQVAEParams()
-    extract_codes: ExtractCodesParams = ExtractCodesParams()
-    train_prior: TrainPriorParams = TrainPriorParams()
-    sample: SampleParams = SampleParams()
-    sweep: SweepParams = SweepParams()
-    train_classifier: TrainClassifierParams = TrainClassifierParams()
-    evaluate: EvaluateParams = EvaluateParams()
-    tracking: TrackingParams = TrackingParams()
+    seed: int = Field(ge=0)
+    data: DataParams
+    compute: ComputeParams
+    prepare: PrepareParams
+    train_vqvae: TrainVQVAEParams
+    extract_codes: ExtractCodesParams
+    train_prior: TrainPriorParams
+    sample: SampleParams
+    sweep: SweepParams
+    train_classifier: TrainClassifierParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
 
     @model_validator(mode="after")
     def _enough_images_for_knn(self):
@@ -223,6 +217,8 @@ def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in error["loc"]) or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
+    if error["type"] == "missing":
+        return f"missing key '{key}' (every key is required; copy it from params.yaml)"
     got = error.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"'{key}': {error['msg']}{shown}"

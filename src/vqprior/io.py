@@ -7,6 +7,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -29,6 +30,14 @@ def atomic_path(path: str | Path):
 def write_json_atomic(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_split_json(headline_path: str | Path, detail_path: str | Path, values: dict, headline: Iterable[str]) -> None:
+    """The `headline` keys of `values` to `headline_path`, every other key to `detail_path`: a short file of the
+    numbers compared from run to run, and the breakdowns (by class, by position, the protocol) beside it."""
+    headline = set(headline)
+    write_json_atomic(headline_path, {k: v for k, v in values.items() if k in headline})
+    write_json_atomic(detail_path, {k: v for k, v in values.items() if k not in headline})
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

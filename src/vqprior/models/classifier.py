@@ -35,7 +35,7 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class Classifier(nn.Module):
-    def __init__(self, p: ClassifierModelParams, in_channels: int, num_classes: int):
+    def __init__(self, p: ClassifierModelParams, *, in_channels: int, num_classes: int):
         super().__init__()
         self.config, self.in_channels, self.num_classes = p, in_channels, num_classes
         self.body = nn.Sequential(_block(in_channels, p.channels), _block(p.channels, 2 * p.channels))
@@ -58,7 +58,8 @@ class Classifier(nn.Module):
 
 def load_classifier(path, device: torch.device | str = "cpu") -> tuple[Classifier, dict]:
     state = read_checkpoint(path, "train_classifier")
-    model = Classifier(ClassifierModelParams(**state["config"]), state["in_channels"], state["num_classes"])
+    model = Classifier(ClassifierModelParams(**state["config"]), in_channels=state["in_channels"],
+                       num_classes=state["num_classes"])
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), state
 

@@ -65,7 +65,7 @@ def attention(q, k, v, causal: bool = False, keep: torch.Tensor | None = None, d
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float, attn_dropout: float = 0.0):
+    def __init__(self, *, d: int, heads: int, dropout: float, attn_dropout: float = 0.0):
         super().__init__()
         self.heads, self.dropout, self.attn_dropout = heads, dropout, attn_dropout
         self.qkv = nn.Linear(d, 3 * d)
@@ -92,10 +92,10 @@ class SelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, dropout: float, attn_dropout: float = 0.0):
+    def __init__(self, *, d: int, heads: int, dropout: float, attn_dropout: float = 0.0):
         super().__init__()
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = SelfAttention(d, heads, dropout, attn_dropout)
+        self.attn = SelfAttention(d=d, heads=heads, dropout=dropout, attn_dropout=attn_dropout)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
 
@@ -105,7 +105,7 @@ class Block(nn.Module):
 
 
 class Prior(nn.Module):
-    def __init__(self, p: PriorModelParams, vocab: int, length: int, augmentations: int = 1):
+    def __init__(self, p: PriorModelParams, *, vocab: int, length: int, augmentations: int = 1):
         super().__init__()
         self.config, self.vocab, self.length, self.augmentations = p, vocab, length, augmentations
         self.tok = nn.Embedding(vocab + 1, p.d_model)  # +1: the START token
@@ -114,7 +114,8 @@ class Prior(nn.Module):
         self.aug = nn.Embedding(augmentations, p.d_model) if augmentations > 1 else None  # row 0: original images
         self.pos = nn.Embedding(length, p.d_model)
         self.drop = nn.Dropout(p.dropout)
-        self.blocks = nn.ModuleList(Block(p.d_model, p.n_heads, p.dropout, p.attn_dropout) for _ in range(p.n_layers))
+        self.blocks = nn.ModuleList(Block(d=p.d_model, heads=p.n_heads, dropout=p.dropout, attn_dropout=p.attn_dropout)
+                                    for _ in range(p.n_layers))
         self.ln = nn.LayerNorm(p.d_model)
         self.head = nn.Linear(p.d_model, vocab, bias=False)
         self.apply(self._init)

@@ -33,7 +33,7 @@ def cluster_sums(flat: torch.Tensor, assign: torch.Tensor, k: int) -> tuple[torc
 
 
 class EMAQuantizer(nn.Module):
-    def __init__(self, codebook_size: int, dim: int, decay: float = 0.99, commitment: float = 0.25,
+    def __init__(self, *, codebook_size: int, dim: int, decay: float = 0.99, commitment: float = 0.25,
                  dead_code_steps: int = 50, kmeans_iters: int = 10, l2_normalize: bool = False, eps: float = 1e-5):
         super().__init__()
         self.codebook_size, self.dim = codebook_size, dim

@@ -24,7 +24,7 @@ class ResBlock(nn.Module):
 
 
 class VQVAE(nn.Module):
-    def __init__(self, p: VQVAEModelParams, in_channels: int = 1, normalisation: Normalisation = Normalisation()):
+    def __init__(self, p: VQVAEModelParams, *, in_channels: int = 1, normalisation: Normalisation = Normalisation()):
         super().__init__()
         self.config = p
         self.normalisation = normalisation  # how pixels became inputs; decoding to pixels inverts it
@@ -38,8 +38,9 @@ class VQVAE(nn.Module):
         enc += [nn.Conv2d(prev, c, 3, padding=1)] + [ResBlock(c) for _ in range(encoder_blocks)]
         enc += [nn.GELU(), nn.Conv2d(c, p.code_dim, 1)]
         self.encoder = nn.Sequential(*enc)
-        self.quantizer = EMAQuantizer(p.codebook_size, p.code_dim, p.ema_decay, p.commitment, p.dead_code_steps,
-                                      p.kmeans_iters, p.l2_normalize)
+        self.quantizer = EMAQuantizer(codebook_size=p.codebook_size, dim=p.code_dim, decay=p.ema_decay,
+                                      commitment=p.commitment, dead_code_steps=p.dead_code_steps,
+                                      kmeans_iters=p.kmeans_iters, l2_normalize=p.l2_normalize)
         dec = [nn.Conv2d(p.code_dim, c, 3, padding=1)] + [ResBlock(c) for _ in range(p.res_blocks)] + [nn.GELU()]
         prev = c
         for w in reversed(widths):
