@@ -6,6 +6,7 @@ distribution) would score under the same protocol and sample count.
 """
 from __future__ import annotations
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, read_labelled_images,
@@ -15,6 +16,7 @@ from vqprior.metrics import INCEPTION, metrics_from_features, precision_recall_b
 from vqprior.runtime import resolve_runtime
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.evaluate

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.io import extra_sample_set, extra_sample_sets, save_npy, write_json_atomic
@@ -19,6 +20,7 @@ from vqprior.sampling import generate, load_generator
 OUT = Path("data/samples")
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.sample

@@ -30,7 +30,7 @@ def test_params_files_list_every_key():
 def _error(raw):
     with pytest.raises(ParamsError) as info:
         parse_params(raw, "params.yaml")
-    return str(info.value.code)
+    return str(info.value)
 
 
 def test_unknown_key_is_named_with_its_dotted_path():

@@ -3,6 +3,7 @@ import torch
 
 from vqprior.config import ComputeParams, TrainParams
 from vqprior.runtime import resolve_runtime
+from vqprior.errors import TrainingError
 from vqprior.training import TrainingDiverged, fit, lr_factor
 
 CPU = resolve_runtime(ComputeParams(device="cpu", precision="fp32"))
@@ -91,7 +92,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
 
     with pytest.raises(TrainingDiverged) as info:  # 4 steps per epoch: the 7th step, in epoch 2, is NaN
         fit(model, 64, poisoned, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss", on_epoch=snapshot)
-    assert "loss is nan" in str(info.value.code) and str(ckpt) in str(info.value.code)
+    assert "loss is nan" in str(info.value) and str(ckpt) in str(info.value)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["epoch"] == 1  # the good epoch survives, with its weights, not the NaN step's
     for k, v in saved["model"].items():
@@ -112,10 +113,10 @@ def test_nan_validation_metric_stops_instead_of_becoming_the_best(tmp_path):
 def test_unreadable_checkpoint_stops_with_one_line(tmp_path):
     model, step, evaluate = make_problem()
     (tmp_path / "c.pt").write_bytes(b"half a checkpoint")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(TrainingError) as info:
         fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss", desc="train_x")
-    assert str(info.value.code) == (f"error: train_x: {tmp_path / 'c.pt'} is not a readable checkpoint "
-                                    "(UnpicklingError); delete it to train from the start")
+    assert str(info.value) == (f"train_x: {tmp_path / 'c.pt'} is not a readable checkpoint "
+                               "(KeyError); delete it to train from the start")
 
 
 def test_lr_schedule_warms_up_then_decays():

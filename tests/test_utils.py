@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from vqprior.config import ComputeParams
+from vqprior.errors import ParamsError
 from vqprior.io import atomic_path, write_json_atomic
 from vqprior.plots import save_grid, write_history_csv
 from vqprior.runtime import cpu_has_bf16, resolve_runtime
@@ -31,7 +32,7 @@ def test_runtime_resolution_on_cpu(monkeypatch):
         y = torch.ones(4, 4) @ torch.ones(4, 4)
     assert y.dtype == (torch.bfloat16 if auto.precision == "bf16" else torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
-    with pytest.raises(SystemExit, match="no CUDA GPU"):
+    with pytest.raises(ParamsError, match="no CUDA GPU"):
         resolve_runtime(ComputeParams(device="cuda"))
     assert resolve_runtime(ComputeParams(device="auto")).device.type in ("cpu", "mps")
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .config import ComputeParams
+from .errors import ParamsError
 
 
 def cpu_has_bf16() -> bool:
@@ -52,7 +53,7 @@ def resolve_runtime(p: ComputeParams) -> Runtime:
     else:
         device = torch.device(p.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+            raise ParamsError("compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
     precision = p.precision
     if precision == "auto":
         if device.type == "cuda":
