@@ -447,3 +447,70 @@ def test_full_disk_names_the_file_and_keeps_the_old_output(project):
         "error: cannot write data/prepared/train.parquet (File too large); free space or fix the folder's permissions and "
         "run again (the earlier output is unchanged)")
     assert snapshot(project) == before
+
+
+# --- SIGKILL in the middle of a stage: the old outputs stay, a re-run by hand ends as an uninterrupted run -----------
+
+def _stage(stage: str, project: Path, store: str) -> list:
+    return [sys.executable, "-m", f"stages.{stage}"], dict(cwd=project, env=subprocess_env(
+        project, CODE | {"MLFLOW_TRACKING_URI": store}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(stage: str, project: Path, store: str, ready, timeout: float = 120) -> int:
+    """Start `stage`, SIGKILL it (no clean-up code runs) as soon as `ready()` is true; its pid."""
+    cmd, kwargs = _stage(stage, project, store)
+    proc = subprocess.Popen(cmd, **kwargs)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"{stage} ended before the kill: {proc.stderr.read()[-2000:]}"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    return proc.pid
+
+
+def _runs_of(store: str, pid: int) -> list[str]:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(store)
+    return [r.info.status for e in client.search_experiments()
+            for r in client.search_runs([e.experiment_id], f"tags.`vqprior.pid` = '{pid}'")]
+
+
+def _temporaries(project: Path) -> list[str]:
+    return sorted(str(p.relative_to(project)) for p in project.rglob(".*.tmp"))
+
+
+@pytest.mark.parametrize("stage, outputs, ready, params", [
+    # killed while the code files are being written: the old ones stay, the half-written one is a temporary
+    ("extract_codes", ["data/codes/train.parquet", "data/codes/val.parquet", "data/codes/test.parquet"],
+     lambda p: bool(list((p / "data/codes").glob(".*.tmp"))), {"extract_codes": {"batch_size": 4}}),
+    # killed after the first epoch's checkpoint: the re-run resumes from it
+    ("train_prior", ["models/prior.pt"], lambda p: (p / "checkpoints/train_prior.pt").exists(),
+     {"train_prior": {"train": {"epochs": 3, "batch_size": 8}}}),
+], ids=["extract_codes-mid-write", "train_prior-after-epoch-1"])
+def test_sigkill_then_rerun_by_hand_gives_the_uninterrupted_outputs(project, store, stage, outputs, ready, params):
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    for section, values in params.items():
+        for key, value in values.items():
+            p[section][key] = p[section][key] | value if isinstance(value, dict) else value
+    (project / "params.yaml").write_text(yaml.safe_dump(p))
+    cmd, kwargs = _stage(stage, project, store)
+    done = subprocess.run(cmd, **kwargs, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    uninterrupted = {name: (project / name).read_bytes() for name in outputs}
+    tree = snapshot(project)
+
+    pid = _kill_when(stage, project, store, lambda: ready(project))
+    after_kill = snapshot(project)
+    for name in outputs:  # the old output, whole, or (a resumed trainer's) none
+        assert after_kill[name] == tree[name]
+    assert _runs_of(store, pid) == ["RUNNING"]  # what MLflow shows of a killed process
+
+    again = subprocess.run(cmd, **kwargs, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for name in outputs:
+        assert (project / name).read_bytes() == uninterrupted[name], name
+    assert _temporaries(project) == [] and not (project / "checkpoints" / f"{stage}.pt").exists()
+    assert snapshot(project).keys() == tree.keys()  # no stray file of the killed run
+    assert _runs_of(store, pid) == ["KILLED"]  # marked when the stage started again
