@@ -449,6 +449,28 @@ def test_full_disk_names_the_file_and_keeps_the_old_output(project):
     assert snapshot(project) == before
 
 
+def test_permission_denied_names_the_file(project, monkeypatch):
+    """A folder the stage may not write stops it with one line. Root writes anywhere, so for root the folder is made
+    immutable (chattr +i), which refuses even root."""
+    samples = project / "data/samples"
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(samples)], capture_output=True).returncode != 0:
+            pytest.skip("running as root on a file system (or without the capability) where chattr +i fails: "
+                        "no way to refuse a write")
+        reason = "Operation not permitted"
+    else:
+        samples.chmod(0o555)
+        reason = "Permission denied"
+    try:
+        before = snapshot(project)
+        assert run_main("sample", project, monkeypatch) == (
+            f"error: cannot write data/samples/images.npy ({reason}); free space or fix the folder's permissions and "
+            "run again (the earlier output is unchanged)")
+        assert snapshot(project) == before
+    finally:
+        subprocess.run(["chattr", "-i", str(samples)], capture_output=True) if os.geteuid() == 0 else samples.chmod(0o755)
+
+
 # --- SIGKILL in the middle of a stage: the old outputs stay, a re-run by hand ends as an uninterrupted run -----------
 
 def _stage(stage: str, project: Path, store: str) -> list:
@@ -503,6 +525,8 @@ def test_sigkill_then_rerun_by_hand_gives_the_uninterrupted_outputs(project, sto
 
     pid = _kill_when(stage, project, store, lambda: ready(project))
     after_kill = snapshot(project)
+    if stage == "extract_codes":
+        assert _temporaries(project), "the kill did not land mid-write"
     for name in outputs:  # the old output, whole, or (a resumed trainer's) none
         assert after_kill[name] == tree[name]
     assert _runs_of(store, pid) == ["RUNNING"]  # what MLflow shows of a killed process

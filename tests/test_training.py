@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -117,6 +119,25 @@ def test_unreadable_checkpoint_stops_with_one_line(tmp_path):
         fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss", desc="train_x")
     assert str(info.value) == (f"train_x: {tmp_path / 'c.pt'} is not a readable checkpoint "
                                "(KeyError); delete it to train from the start")
+
+
+@pytest.mark.parametrize("stats, advice", [
+    ({"recon_loss": 0.5, "commit_loss": float("inf")}, "(non-finite: commit_loss); the last good checkpoint is kept at "
+     "(none yet); lower that term's weight or train.lr"),
+    ({"recon_loss": float("nan"), "commit_loss": float("nan")}, "(non-finite: recon_loss, commit_loss); the last good "
+     "checkpoint is kept at (none yet); lower that term's weight or train.lr"),
+    ({"recon_loss": 0.5, "commit_loss": 0.1}, "; the last good checkpoint is kept at (none yet); lower train.lr or "
+     "train.grad_clip"),  # every term finite, their weighted sum not: nothing to single out
+])
+def test_non_finite_loss_names_the_term_that_went_non_finite(tmp_path, stats, advice):
+    model, _, evaluate = make_problem()
+
+    def step(idx):
+        return model(torch.zeros(len(idx), 4)).sum() * float("inf"), stats
+
+    with pytest.raises(TrainingDiverged) as info:
+        fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss", desc="train_x")
+    assert re.fullmatch(r"train_x: loss is (nan|inf|-inf) at epoch 1, step 0 ?" + re.escape(advice), str(info.value))
 
 
 def test_lr_schedule_warms_up_then_decays():
