@@ -84,6 +84,12 @@ def check_sqlite(uri: str) -> None:
     except sqlite3.Error as exc:
         raise TrackingError(f"tracking store {uri} cannot be used ({exc}); check that {path} is a writable MLflow "
                             "database, or move it away to start a new one") from None
+    # SQLite opens a file it may not write read-only without a word, and MLflow fails at its first write; SQLite also
+    # writes a journal beside the file
+    for needed in (path, path.parent):
+        if not os.access(needed, os.W_OK):
+            raise TrackingError(f"tracking store {uri} cannot be used ({needed} is read-only); make it writable, or "
+                                "point MLFLOW_TRACKING_URI elsewhere")
 
 
 def repo_root() -> Path:

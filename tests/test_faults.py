@@ -382,6 +382,23 @@ def test_odd_folder_entries_are_reasons_and_the_manifest_adds_up(tmp_path, monke
 
 # --- the tracking store: unreachable, damaged or unusable, it fails fast with one line -------------------------------
 
+def _refuse_writes(path: Path) -> str:
+    """Make `path` refuse writes, even root's (chattr +i); the reason a write then fails with."""
+    if os.geteuid() != 0:
+        path.chmod(0o444 if path.is_file() else 0o555)
+        return "Permission denied"
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+        pytest.skip("running as root where chattr +i fails: no way to refuse a write")
+    return "Operation not permitted"
+
+
+def _allow_writes(path: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    else:
+        path.chmod(0o644 if path.is_file() else 0o755)
+
+
 def _broken_store(kind: str, project: Path) -> str:
     if kind == "unreachable server":
         return "http://127.0.0.1:9"
@@ -392,6 +409,14 @@ def _broken_store(kind: str, project: Path) -> str:
         db.write_bytes(b"this is not an sqlite database" * 100)
     elif kind == "database is a folder":
         db.mkdir()
+    elif kind == "read-only database":
+        shutil.copy(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"), db)
+        _refuse_writes(db)
+    elif kind == "read-only folder":
+        db = project.parent / "locked/mlflow.db"
+        db.parent.mkdir()
+        shutil.copy(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"), db)
+        _refuse_writes(db.parent)
     return f"sqlite:///{db}"
 
 
@@ -401,6 +426,10 @@ TRACKING = {
     "unknown host": "error: tracking server http://tracking.invalid:5000 is unreachable",
     "corrupt database": "error: tracking store sqlite:///{db} cannot be used (file is not a database); check that {db} "
                         "is a writable MLflow database, or move it away to start a new one",
+    "read-only database": "error: tracking store sqlite:///{db} cannot be used ({db} is read-only); make it writable, or "
+                          "point MLFLOW_TRACKING_URI elsewhere",
+    "read-only folder": "error: tracking store sqlite:///{db} cannot be used ({folder} is read-only); make it writable, "
+                        "or point MLFLOW_TRACKING_URI elsewhere",
     "database is a folder": "error: tracking store sqlite:///{db} cannot be used (unable to open database file); check "
                             "that {db} is a writable MLflow database, or move it away to start a new one",
 }
@@ -414,7 +443,10 @@ def test_broken_tracking_store_fails_fast_with_one_line(project, monkeypatch, ki
     t0 = time.monotonic()
     line = run_main("sample", project, monkeypatch)
     assert time.monotonic() - t0 < 15
-    assert line.startswith(TRACKING[kind].format(db=uri.removeprefix("sqlite:///"))) and "\n" not in line
+    db = Path(uri.removeprefix("sqlite:///"))
+    if kind.startswith("read-only"):
+        _allow_writes(db if kind == "read-only database" else db.parent)
+    assert line.startswith(TRACKING[kind].format(db=db, folder=db.parent)) and "\n" not in line
     assert snapshot(project) == before
 
 
@@ -450,17 +482,9 @@ def test_full_disk_names_the_file_and_keeps_the_old_output(project):
 
 
 def test_permission_denied_names_the_file(project, monkeypatch):
-    """A folder the stage may not write stops it with one line. Root writes anywhere, so for root the folder is made
-    immutable (chattr +i), which refuses even root."""
+    """A folder the stage may not write stops it with one line (root writes anywhere: for root it is immutable)."""
     samples = project / "data/samples"
-    if os.geteuid() == 0:
-        if subprocess.run(["chattr", "+i", str(samples)], capture_output=True).returncode != 0:
-            pytest.skip("running as root on a file system (or without the capability) where chattr +i fails: "
-                        "no way to refuse a write")
-        reason = "Operation not permitted"
-    else:
-        samples.chmod(0o555)
-        reason = "Permission denied"
+    reason = _refuse_writes(samples)
     try:
         before = snapshot(project)
         assert run_main("sample", project, monkeypatch) == (
@@ -468,7 +492,7 @@ def test_permission_denied_names_the_file(project, monkeypatch):
             "run again (the earlier output is unchanged)")
         assert snapshot(project) == before
     finally:
-        subprocess.run(["chattr", "-i", str(samples)], capture_output=True) if os.geteuid() == 0 else samples.chmod(0o755)
+        _allow_writes(samples)
 
 
 # --- SIGKILL in the middle of a stage: the old outputs stay, a re-run by hand ends as an uninterrupted run -----------
