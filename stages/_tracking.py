@@ -5,17 +5,92 @@ with artifacts in `<repo>/mlartifacts`; `MLFLOW_TRACKING_URI` overrides it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
+
+from vqprior.errors import VqpriorError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# a tracking server that stops answering fails a call in seconds, not after MLflow's default 7 retries of 120 s each
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
 
 PARENT_RUN_ENV = "VQPRIOR_PARENT_RUN_ID"
 PRECISION_TAGS = ("precision", "inception_precision")  # string metrics kept as tags: what the stage ran in
+REACH_SECONDS = 3  # a tracking server that does not accept a connection in this long counts as down
+HOST_TAG, PID_TAG = "vqprior.host", "vqprior.pid"  # who runs a stage run: a later start can tell a killed one
+
+
+class TrackingError(VqpriorError):
+    """The tracking store cannot be reached or used."""
+
+
+def store_errors(os_errors: bool = True) -> tuple[type[BaseException], ...]:
+    """What a broken store raises: MLflow's errors, the database's, the network's (and the disk's, for a call that
+    only touches the store)."""
+    import requests
+    import sqlalchemy.exc
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, sqlalchemy.exc.SQLAlchemyError, requests.RequestException) + ((OSError,) if os_errors else ())
+
+
+def tracking_failure(exc: BaseException, uri: str) -> TrackingError:
+    """One line for a store that failed: what the store said (its first line) and what to do."""
+    said = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
+    if uri.startswith("sqlite:"):
+        todo = f"check that {uri.removeprefix('sqlite:///')} is a writable MLflow database, or move it away to start a new one"
+    else:
+        todo = "check the server, or unset MLFLOW_TRACKING_URI to use the local store"
+    return TrackingError(f"tracking store {uri} failed ({exc.__class__.__name__}: {said}); {todo}")
+
+
+DEFAULT_PORTS = {"http": 80, "https": 443, "postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_reachable(uri: str, seconds: float = REACH_SECONDS) -> None:
+    """Fail in seconds where MLflow would retry for minutes: a server (http, or a database server) must accept a
+    connection within `seconds`; an existing SQLite file must open as a database (MLflow retries a broken one for
+    about 100 s)."""
+    url = urlparse(uri)
+    scheme = url.scheme.split("+")[0]  # postgresql+psycopg2 and kin
+    if scheme == "sqlite":
+        check_sqlite(uri)
+    elif scheme in DEFAULT_PORTS and url.hostname:
+        try:
+            socket.create_connection((url.hostname, url.port or DEFAULT_PORTS[scheme]), timeout=seconds).close()
+        except OSError as exc:
+            raise TrackingError(f"tracking server {uri} is unreachable ({exc.strerror or exc.__class__.__name__}); "
+                                "start it, or unset MLFLOW_TRACKING_URI to use the local store") from None
+
+
+def check_sqlite(uri: str) -> None:
+    """An SQLite store that exists must be a database this process can open for writing (a missing one is created)."""
+    import sqlite3
+
+    path = Path(uri.removeprefix("sqlite:///").removeprefix("sqlite://"))
+    if not path.exists() or str(path) in ("", ":memory:"):
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=REACH_SECONDS)) as db:
+            db.execute("pragma schema_version").fetchone()
+    except sqlite3.Error as exc:
+        raise TrackingError(f"tracking store {uri} cannot be used ({exc}); check that {path} is a writable MLflow "
+                            "database, or move it away to start a new one") from None
+    # SQLite opens a file it may not write read-only without a word, and MLflow fails at its first write; SQLite also
+    # writes a journal beside the file
+    for needed in (path, path.parent):
+        if not os.access(needed, os.W_OK):
+            raise TrackingError(f"tracking store {uri} cannot be used ({needed} is read-only); make it writable, or "
+                                "point MLFLOW_TRACKING_URI elsewhere")
 
 
 def repo_root() -> Path:
@@ -67,11 +142,39 @@ def git_commit() -> str:
         return ""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def close_killed_runs(experiment_id: str, stage: str) -> list[str]:
+    """Mark KILLED the runs of `stage` that a process on this machine started and that are RUNNING although the
+    process is gone (SIGKILL, power loss): MLflow would show them running forever. Runs from other machines, or whose
+    process lives, are left alone."""
+    from mlflow.tracking import MlflowClient
+
+    client, host, closed = MlflowClient(), socket.gethostname(), []
+    for run in client.search_runs([experiment_id], f"tags.`dvc.stage` = '{stage}' and attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get(HOST_TAG) == host and tags.get(PID_TAG, "").isdigit() and not _alive(int(tags[PID_TAG])):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    if closed:
+        print(f"{stage}: marked {len(closed)} run(s) of a killed earlier {stage} KILLED in MLflow")
+    return closed
+
+
 class StageRun:
-    """What a stage may log; thin so the stage code reads as plain calls."""
+    """What a stage may log; thin so the stage code reads as plain calls. A store that fails mid-stage stops the stage
+    with one line (TrackingError), like one that fails at the start."""
 
     def __init__(self, mlflow):
-        self._mlflow = mlflow
+        self._mlflow = _Guarded(mlflow)
 
     def log_epoch(self, step: int, metrics: dict) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -103,19 +206,55 @@ class StageRun:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+class _Guarded:
+    """MLflow's module, each call turning a store failure into a TrackingError."""
+
+    def __init__(self, mlflow):
+        self._mlflow = mlflow
+
+    def __getattr__(self, name):
+        call = getattr(self._mlflow, name)
+
+        def guarded(*args, **kwargs):
+            try:
+                return call(*args, **kwargs)
+            except store_errors() as exc:
+                raise tracking_failure(exc, tracking_uri()) from None
+
+        return guarded
+
+
+@contextmanager
+def _store(uri: str, os_errors: bool = True):
+    try:
+        yield
+    except store_errors(os_errors) as exc:
+        raise tracking_failure(exc, uri) from None
+
+
 @contextmanager
 def tracked_run(stage: str, params):
     import mlflow
 
-    experiment_id = ensure_experiment(params.tracking.experiment)
-    parent = os.environ.get(PARENT_RUN_ENV) or None
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent):
-        mlflow.set_tags({
-            "dvc.stage": stage,
-            "git.commit": git_commit(),
-            "dvc.exp": os.environ.get("DVC_EXP_NAME", ""),
-        })
-        # log exactly the params dvc.yaml says this stage reads
-        dumped = params.model_dump()
-        mlflow.log_params(flatten({key: dumped[key] for key in stage_param_keys(stage)}))
+    uri = tracking_uri()
+    check_reachable(uri)
+    with _store(uri):
+        experiment_id = ensure_experiment(params.tracking.experiment)
+        close_killed_runs(experiment_id, stage)
+        parent = os.environ.get(PARENT_RUN_ENV) or None
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent)
+    # the stage's own work runs inside: its disk errors are its own, so only the store's errors are caught here
+    # (ending the run writes to the store too)
+    with _store(uri, os_errors=False), active:
+        with _store(uri):
+            mlflow.set_tags({
+                "dvc.stage": stage,
+                "git.commit": git_commit(),
+                "dvc.exp": os.environ.get("DVC_EXP_NAME", ""),
+                HOST_TAG: socket.gethostname(),
+                PID_TAG: str(os.getpid()),
+            })
+            # log exactly the params dvc.yaml says this stage reads
+            dumped = params.model_dump()
+            mlflow.log_params(flatten({key: dumped[key] for key in stage_param_keys(stage)}))
         yield StageRun(mlflow)

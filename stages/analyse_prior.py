@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.codes import CodeGrid, read_codes
 from vqprior.config import load_params
 from vqprior.data.images import read_images
+from vqprior.errors import InputError
 from vqprior.figures import plt, save_figure
 from vqprior.io import write_split_json
 from vqprior.models.prior import load_prior
@@ -102,6 +104,7 @@ def save_nll_map(metrics: dict, mean_image: np.ndarray, path: str | Path) -> Non
     save_figure(fig, path)
 
 
+@speaks
 def main() -> None:
     p = load_params()
     runtime = resolve_runtime(p.compute)
@@ -110,8 +113,7 @@ def main() -> None:
         prior, prior_state = load_prior("models/prior.pt", runtime.device)
         val, train = read_codes(CODES / "val.parquet", False), read_codes(CODES / "train.parquet", False)
         if prior_state.get("vqvae_sha256", val.meta["vqvae_sha256"]) != val.meta["vqvae_sha256"]:
-            raise SystemExit(f"error: models/prior.pt was trained on codes of another VQ-VAE than {CODES}'s; "
-                             "run `dvc repro train_prior`")
+            raise InputError("models/prior.pt", "train_prior", f"was trained on codes of another VQ-VAE than {CODES}'s")
         images = read_images(PREPARED / "val.parquet").images[val.index]  # the val grids' own images, row for row
         print(f"analyse_prior: teacher-forced NLL of {len(val.codes)} val grids and as many train grids "
               f"({val.grid[0]}x{val.grid[1]}, {runtime.device} {runtime.precision})")

@@ -17,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
+from vqprior.errors import InputError, require
 from vqprior.features import TEST_IMAGES, read_uint8_images, score_samples
 from vqprior.io import extra_sample_sets, write_split_json
 from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
@@ -33,23 +35,17 @@ HEADLINE = ("fid", "precision", "recall", "fid_mean", "fid_std", "precision_mean
 
 
 def read_metrics(path: str, stage: str, keys) -> dict:
-    if not Path(path).exists():
-        raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
-    metrics = json.loads(Path(path).read_text())
+    metrics = json.loads(require(path, stage).read_text())
     if missing := [k for k in keys if k not in metrics]:
-        raise SystemExit(f"error: {path} lacks {', '.join(missing)} (written by older code?); re-run `dvc repro {stage}`")
+        raise InputError(path, stage, f"lacks {', '.join(missing)} (written by older code?)")
     return {k: metrics[k] for k in keys}
 
 
 def read_samples(path: str | Path, stage: str) -> torch.Tensor:
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
     try:
-        return torch.from_numpy(np.load(path))
+        return torch.from_numpy(np.load(require(path, stage)))
     except (ValueError, OSError, EOFError) as exc:
-        raise SystemExit(f"error: {path} is not a readable .npy file ({exc.__class__.__name__}); "
-                         f"re-run `dvc repro {stage}`") from None
+        raise InputError(path, stage, f"is not a readable .npy file ({exc.__class__.__name__})") from None
 
 
 def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighborhood: int, device: str) -> dict:
@@ -74,6 +70,7 @@ def seed_spread(headline: dict, extra_sets: list[torch.Tensor], cfg, device: str
     return spread | {"per_set": {key: [s[key] for s in sets] for key in keys}}
 
 
+@speaks
 def main() -> None:
     p = load_params()
     runtime = resolve_runtime(p.compute)
@@ -87,10 +84,9 @@ def main() -> None:
         real_shape = tuple(read_uint8_images(TEST_IMAGES, limit=1).shape[1:])
         for path, images in sets.items():
             if tuple(images.shape[1:]) != real_shape:
-                raise SystemExit(f"error: {path} holds images of {tuple(images.shape[1:])} (C, H, W) but the test "
-                                 f"split's are {real_shape}; re-run `dvc repro sample`")
-        if not Path(CLASSIFIER_WEIGHTS).exists():
-            raise SystemExit(f"error: {CLASSIFIER_WEIGHTS} not found; run `dvc repro train_classifier` first")
+                raise InputError(path, "sample", f"holds images of {tuple(images.shape[1:])} (C, H, W) but the test "
+                                 f"split's are {real_shape}")
+        require(CLASSIFIER_WEIGHTS, "train_classifier")
         context = read_metrics("metrics/reference.json", "reference", [f"floor_{k}" for k in ("fid", "precision", "recall")])
         context |= read_metrics("reports/reference_detail.json", "reference", ["floor_recall_by_class"])
         context |= read_metrics("metrics/reconstruction.json", "reconstruction_fid",

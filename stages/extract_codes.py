@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.codes import CodeWriter
 from vqprior.config import load_params
 from vqprior.data.images import file_sha256, iter_image_batches, load_stats
-from vqprior.io import write_split_json
+from vqprior.errors import InputError
+from vqprior.io import atomic_group, write_split_json
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
 
@@ -25,6 +27,7 @@ SPLITS = ("train", "val", "test")
 HEADLINE = ("seconds", "peak_rss_mb")  # metrics/; counts and shapes go to reports/
 
 
+@speaks
 def main() -> None:
     p = load_params()
     runtime = resolve_runtime(p.compute)
@@ -34,14 +37,15 @@ def main() -> None:
         gh, gw = model.grid_size(h, w)
         stats = load_stats(PREPARED, needs=("image_shape", "counts", "sha256"))
         if list(stats["image_shape"]) != list(state["image_shape"]):
-            raise SystemExit(f"error: models/vqvae.pt was trained on {state['image_shape']} (H, W, C) images but "
-                             f"{PREPARED} holds {stats['image_shape']}; run `dvc repro train_vqvae`")
+            raise InputError("models/vqvae.pt", "train_vqvae", f"was trained on {state['image_shape']} (H, W, C) "
+                             f"images but {PREPARED} holds {stats['image_shape']}")
         meta = {
             "grid_height": gh, "grid_width": gw, "codebook_size": model.config.codebook_size, "image_shape": state["image_shape"],
             "vqvae_sha256": file_sha256("models/vqvae.pt"), "data_sha256": stats["sha256"],
         }
         t0, total, rows = time.perf_counter(), sum(stats["counts"].values()), 0
-        with tqdm(total=total, desc="extract_codes", unit="img", disable=None) as bar:
+        # the three splits appear together or not at all: never codes of two models side by side
+        with tqdm(total=total, desc="extract_codes", unit="img", disable=None) as bar, atomic_group():
             for split in SPLITS:
                 tags = ["none", "hflip"] if p.extract_codes.hflip and split == "train" else ["none"]
                 with CodeWriter(OUT / f"{split}.parquet", split, {**meta, "augmentations": tags}) as writer:

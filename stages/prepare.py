@@ -1,5 +1,6 @@
 """prepare: a data source (IDX, CIFAR-10, STL-10 or a folder of image files) -> cleaned train/val/test Parquet splits,
-stats.json, and a cleaning report (reports/prepare.json: drops by reason with example names, split sizes, class balance).
+stats.json, a cleaning report (reports/prepare.json: drops by reason with example names, split sizes, class balance)
+and the manifest it is counted from (reports/prepare_manifest.parquet: one row per file or image seen).
 """
 from __future__ import annotations
 
@@ -8,17 +9,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import Params, load_params
-from vqprior.data.build import Deduplicator, array_images, plan, write_splits
+from vqprior.data.build import Deduplicator, array_images, pixel_facts, plan, write_splits
 from vqprior.data.clean import CleanReport
-from vqprior.data.folder import DecodeSpec, decode_files, scan_folder
+from vqprior.data.folder import DecodeSpec, decode_files, entry_facts, scan_folder
 from vqprior.data.images import Normalisation, file_sha256, iter_image_batches, open_parquet
 from vqprior.data.sources import ARRAY_SOURCES, DataError, locate
 from vqprior.io import write_json_atomic
 from vqprior.plots import save_grid
 
 OUT = Path("data/prepared")
+MANIFEST = Path("reports/prepare_manifest.parquet")  # one row per entry seen: `pd.read_parquet(MANIFEST).query(...)`
 
 
 def example_images(path: Path, seed: int, n: int = 64, batch_size: int = 8192) -> np.ndarray:
@@ -32,6 +35,7 @@ def example_images(path: Path, seed: int, n: int = 64, batch_size: int = 8192) -
     return np.concatenate(found)
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.prepare
@@ -43,13 +47,13 @@ def main() -> None:
                           max_train=cfg.max_train, max_test=cfg.max_test)
         if p.data.source == "image_folder":
             origin, jobs, spec, images, classes = from_folder(p, rng, report, split_args)
+            facts = lambda name, pixels: entry_facts(Path(origin) / name)  # noqa: E731
         else:
             origin, jobs, spec, images, classes = from_arrays(p, rng, report, split_args)
+            facts = pixel_facts
         print(f"prepare: {len(jobs)} images from {p.data.source} ({origin}) -> {spec.size}x{spec.size}x{spec.channels}")
-        writers = write_splits(jobs, images, spec, OUT, report, dedupe)
-
-        report.split_sizes = {s: w.count for s, w in writers.items()}
-        report.class_balance = {s: dict(sorted(w.label_counts.items())) for s, w in writers.items()}
+        writers = write_splits(jobs, images, spec, OUT, report, dedupe, facts=facts)
+        summary = report.as_dict()  # counted from the manifest: every entry seen is kept or dropped for a reason
         hashes = {s: file_sha256(OUT / f"{s}.parquet") for s in writers}
         pixel_stats = writers["train"].channel_stats()
         stats = {
@@ -57,24 +61,25 @@ def main() -> None:
             "source_folder": origin,
             "classes": classes,
             "image_shape": [spec.size, spec.size, spec.channels],  # H, W, C
-            "counts": report.split_sizes,
+            "counts": summary["split_sizes"],
             "train_pixel_stats": pixel_stats,  # per channel, in [0, 1] units
             "normalisation": Normalisation.from_train_stats(cfg.normalisation, pixel_stats).as_dict(),
             "sha256": hashes,
         }
         write_json_atomic(OUT / "stats.json", stats)
-        summary = report.as_dict()
         write_json_atomic("reports/prepare.json", summary)
+        report.write_manifest(MANIFEST)
         save_grid(torch.from_numpy(example_images(OUT / "train.parquet", p.seed)).permute(0, 3, 1, 2),
                   "reports/prepare_examples.png", nrow=8)
 
-        metrics = {f"{k}_images": v for k, v in report.split_sizes.items()} | {"dropped_total": summary["dropped_total"]}
+        metrics = {f"{k}_images": v for k, v in summary["split_sizes"].items()} | {"dropped_total": summary["dropped_total"]}
         write_json_atomic("metrics/prepare.json", metrics)
-        print(f"prepare: splits {report.split_sizes}, dropped {summary['dropped_total']} ({summary['dropped']})")
+        print(f"prepare: splits {summary['split_sizes']}, dropped {summary['dropped_total']} ({summary['dropped']})")
         run.log_metrics(metrics)
         for name in writers:
             run.log_dataset(OUT / f"{name}.parquet", name=f"{p.data.source}_{name}", context=name, digest=hashes[name])
         run.log_artifact("reports/prepare.json")
+        run.log_artifact(MANIFEST)
         run.log_artifact("reports/prepare_examples.png")
         run.set_tags({"data.sha256." + k: v[:16] for k, v in hashes.items()})
 
@@ -88,6 +93,7 @@ def from_arrays(p: Params, rng, report: CleanReport, split_args: dict):
     pools = {s: [(f"{s}/{i}", int(label)) for i, label in enumerate(r.labels)] for s, r in raw.items()}
     jobs = plan(pools, rng, **split_args)
     classes = [str(i) for i in range(int(max(r.labels.max() for r in raw.values())) + 1)]
+    report.classes = classes
     return str(folder), jobs, spec, array_images(jobs, raw, spec), classes
 
 
@@ -96,8 +102,9 @@ def from_folder(p: Params, rng, report: CleanReport, split_args: dict):
     if not root.is_dir():
         raise DataError(f"image folder {root} (data.root) not found; point data.root at a folder of images")
     scan = scan_folder(root)
+    report.classes = scan.classes
     for rel, reason in scan.rejected:
-        report.drop(reason, "scan", examples=[rel])
+        report.record(rel, None, reason, **entry_facts(root / rel, content=False))
     report.counts_in = {s: len(f) for s, f in scan.files.items()}
     jobs = plan(scan.files, rng, **split_args)
     spec = DecodeSpec(size=p.data.image_size, channels=p.data.channels or 3, min_size=p.prepare.min_size,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import TEST_IMAGES, TRAIN_IMAGES, inception_bf16, load_features, read_labelled_images, score
@@ -38,6 +39,7 @@ def reconstruct(model, images: torch.Tensor, runtime) -> torch.Tensor:
     return torch.cat(out)
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.evaluate

@@ -6,6 +6,7 @@ distribution) would score under the same protocol and sample count.
 """
 from __future__ import annotations
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, inception_bf16,
@@ -18,6 +19,7 @@ from vqprior.runtime import resolve_runtime
 HEADLINE = ("floor_fid", "floor_precision", "floor_recall", "seconds")  # metrics/; the rest goes to reports/
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.evaluate

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
-from vqprior.io import extra_sample_set, extra_sample_sets, save_npy, write_split_json
+from vqprior.io import atomic_group, extra_sample_set, extra_sample_sets, save_npy, write_split_json
 from vqprior.plots import save_sample_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import generate, load_generator
@@ -20,6 +21,7 @@ OUT = Path("data/samples")
 HEADLINE = ("samples_per_second", "unique_codes_used")  # metrics/; the settings and counts go to reports/
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.sample
@@ -34,17 +36,19 @@ def main() -> None:
 
         out = draw(p.seed)
         classes = prior.num_classes
-        save_npy(OUT / "images.npy", out.images.numpy())  # N x C x H x W uint8
-        save_npy(OUT / "codes.npy", out.codes.numpy().astype(np.uint16))
-        if classes:
-            save_npy(OUT / "labels.npy", out.labels.numpy())  # int64, one per sample
-        else:
-            (OUT / "labels.npy").unlink(missing_ok=True)  # none from an earlier conditional run
         # more sets with the next seeds: only for `evaluate`'s spread, so a run's scores come with their sampling noise
-        for stale in extra_sample_sets(OUT):
+        extra = {extra_sample_set(OUT, seed): draw(seed).images.numpy() for seed in range(p.seed + 1, p.seed + cfg.seeds)}
+        with atomic_group():  # every set of this run appears at once, or none does: never sets of two runs side by side
+            save_npy(OUT / "images.npy", out.images.numpy())  # N x C x H x W uint8
+            save_npy(OUT / "codes.npy", out.codes.numpy().astype(np.uint16))
+            if classes:
+                save_npy(OUT / "labels.npy", out.labels.numpy())  # int64, one per sample
+            for path, images in extra.items():
+                save_npy(path, images)
+        if not classes:
+            (OUT / "labels.npy").unlink(missing_ok=True)  # none from an earlier conditional run
+        for stale in set(extra_sample_sets(OUT)) - set(extra):  # sets of an earlier run with more seeds
             stale.unlink()
-        for seed in range(p.seed + 1, p.seed + cfg.seeds):
-            save_npy(extra_sample_set(OUT, seed), draw(seed).images.numpy())
         save_sample_grid(out.images, classes, "reports/samples.png")
         metrics = {
             "num_samples": cfg.num_samples, "samples_per_second": round(cfg.num_samples / out.seconds, 1),

@@ -13,6 +13,7 @@ import itertools
 import json
 from pathlib import Path
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import SampleParams, SweepParams, load_params
 from vqprior.figures import plt, save_figure
@@ -85,6 +86,7 @@ def plot(points: list[dict], best: int, path: str | Path) -> None:
     save_figure(fig, path)
 
 
+@speaks
 def main() -> None:
     p = load_params()
     with tracked_run("sweep", p) as run:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.features import score_samples
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+@speaks
 def main(argv=None) -> None:
     args = parse_args(argv)
     p = load_params()

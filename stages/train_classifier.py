@@ -6,9 +6,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
 from vqprior.data.images import load_stats, read_images
+from vqprior.errors import DataError
 from vqprior.io import write_split_json
 from vqprior.models import save_model
 from vqprior.models.classifier import Classifier, scale_images
@@ -24,7 +26,7 @@ def load_split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 N x C x H x W (4x smaller than floats; scaled per batch) and int64 labels; unlabelled data stops here."""
     split = read_images(PREPARED / f"{name}.parquet")
     if (missing := int((split.labels < 0).sum())):
-        raise SystemExit(f"error: {missing} of {len(split)} images in {PREPARED / name}.parquet have no label; "
+        raise DataError(f"{missing} of {len(split)} images in {PREPARED / name}.parquet have no label; "
                          "train_classifier needs a labelled data set")
     images = torch.from_numpy(np.require(split.images, requirements="W")).permute(0, 3, 1, 2).contiguous()
     return images, torch.from_numpy(split.labels)
@@ -43,6 +45,7 @@ def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, runtime, batch
     return {"loss": loss / len(x), "acc": correct / len(x)}
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.train_classifier

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.codes import read_codes
 from vqprior.config import load_params
+from vqprior.errors import ParamsError
 from vqprior.io import write_split_json
 from vqprior.models import save_model
 from vqprior.models.prior import Prior
@@ -34,6 +36,7 @@ def evaluate_prior(prior: Prior, codes: torch.Tensor, labels: torch.Tensor | Non
     return {k: v / len(codes) for k, v in sums.items()}
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.train_prior
@@ -50,10 +53,10 @@ def main() -> None:
         if classes:  # sampling draws every class, so each must have been trained
             top = int(max(train.labels.max(), val.labels.max()))
             if top < 0:
-                raise SystemExit(f"error: train_prior.model.num_classes is {classes} but the codes carry no labels; "
+                raise ParamsError(f"train_prior.model.num_classes is {classes} but the codes carry no labels; "
                                  "set it to 0 for an unconditional prior")
             if top + 1 != classes:
-                raise SystemExit(f"error: train_prior.model.num_classes is {classes} but the codes hold labels 0..{top}; "
+                raise ParamsError(f"train_prior.model.num_classes is {classes} but the codes hold labels 0..{top}; "
                                  f"set it to {top + 1}, or 0 for an unconditional prior")
         # flipped rows get their own tag (0: original images, the kind sampling draws)
         kinds = ["none", *sorted(set(train.augmentation) - {"none"})]

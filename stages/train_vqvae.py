@@ -7,13 +7,15 @@ from pathlib import Path
 
 import torch
 
+from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import load_params
+from vqprior.errors import ParamsError, TrainingError
 from vqprior.data.images import Normalisation, load_stats, read_images
 from vqprior.io import write_split_json
 from vqprior.models import save_model
 from vqprior.models.quantizer import codebook_stats
-from vqprior.models.vqvae import VQVAE
+from vqprior.models.vqvae import VQVAE, collapse_reasons
 from vqprior.plots import save_grid, write_history_csv
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
@@ -57,6 +59,7 @@ def reconstruction_grid(model: VQVAE, x: torch.Tensor, path: str | Path, runtime
     save_grid(torch.stack(rows, dim=1).reshape(-1, *x.shape[1:]), path, nrow=per_row)
 
 
+@speaks
 def main() -> None:
     p = load_params()
     cfg = p.train_vqvae
@@ -70,7 +73,7 @@ def main() -> None:
         h, w, c = train.shape
         if h % 2 ** cfg.model.downsamples or w % 2 ** cfg.model.downsamples:
             fits = max(d for d in range(5) if h % 2 ** d == 0 and w % 2 ** d == 0)
-            raise SystemExit(f"error: {h}x{w} images do not halve evenly {cfg.model.downsamples} times "
+            raise ParamsError(f"{h}x{w} images do not halve evenly {cfg.model.downsamples} times "
                              f"(train_vqvae.model.downsamples); use at most {fits}, or another data.image_size")
         model = VQVAE(cfg.model, in_channels=c, normalisation=norm).to(runtime.device)
         runtime.maybe_compile(model.encoder, model.decoder)  # the quantiser's data-dependent updates stay eager
@@ -100,11 +103,24 @@ def main() -> None:
             seed=p.seed, checkpoint=CHECKPOINT, monitor="mse", on_epoch=on_epoch, desc="train_vqvae",
             fingerprint=fingerprint(p.seed, p.compute, cfg, stats["sha256"]),
         )
-        save_model("models/vqvae.pt", model, in_channels=c, image_shape=[h, w, c], normalisation=norm.as_dict())
         test_metrics = evaluate_vqvae(model, x_test, 1024, runtime)
+        # the floor a decoder that ignores its codes reaches: the mean training image for every test image
+        mean_image_mse = float(((norm.to_unit(x_test) - norm.to_unit(x_train).mean(0, keepdim=True)) ** 2).mean())
+        collapsed = collapse_reasons(test_metrics["codebook_usage"], test_metrics["perplexity"], test_metrics["mse"],
+                                     mean_image_mse, cfg.health)
+        if collapsed and cfg.health.stop:  # the resume state would only be trained again to the same collapse
+            CHECKPOINT.unlink(missing_ok=True)
+            shutil.rmtree(EPOCH_GRIDS_DRAFT, ignore_errors=True)
+            raise TrainingError(f"train_vqvae: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr "
+                                "or raise train_vqvae.model.usage_entropy (train_vqvae.health.stop is on: no model written)")
+        if collapsed:
+            print(f"train_vqvae: warning: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr or "
+                  "raise train_vqvae.model.usage_entropy", flush=True)
+        save_model("models/vqvae.pt", model, in_channels=c, image_shape=[h, w, c], normalisation=norm.as_dict())
         metrics = {
             "test_mse": test_metrics["mse"], "test_psnr": test_metrics["psnr"],
             "codebook_usage": test_metrics["codebook_usage"], "perplexity": test_metrics["perplexity"],
+            "mean_image_mse": mean_image_mse, "collapsed": bool(collapsed),
             "val_mse": result.best["val_mse"], "codebook_size": cfg.model.codebook_size,
             "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,

@@ -1,10 +1,11 @@
 """Checkpoints: byte-reproducible files, round trips, params carried in the file, a prior and VQ-VAE that do not match."""
-import re
 
 import pytest
 import torch
 
 from small_params import SMALL_PRIOR, SMALL_VQ
+from stages._cli import message as stage_line
+from vqprior.errors import InputError
 from vqprior.models import save_model
 from vqprior.models.prior import Prior, load_prior
 from vqprior.models.vqvae import VQVAE, load_vqvae
@@ -31,7 +32,7 @@ def test_checkpoints_round_trip(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert state["grid"] == [7, 7] and prior2.vocab == 16 and prior2.length == 49
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SystemExit, match="not a readable checkpoint"):
+    with pytest.raises(InputError, match="not a readable checkpoint"):
         load_vqvae(tmp_path / "bad.pt")
 
 
@@ -54,10 +55,12 @@ def test_prior_and_vqvae_from_different_runs_are_refused(tmp_path):
     save_model(vq, VQVAE(SMALL_VQ), in_channels=1, image_shape=[28, 28, 1])
     save_model(prior, Prior(SMALL_PRIOR, vocab=16, length=49), vocab=16, length=49, grid=[7, 7], vqvae_sha256=file_sha256(vq))
     assert load_generator(prior, vq, "cpu")[0].vocab == 16  # the matching pair loads
-    message = f"error: {prior} was trained on the codes of another {vq}; run `dvc repro train_prior`"
+    message = f"error: {prior} was trained on the codes of another {vq}; re-run `dvc repro train_prior`"
     save_model(vq, VQVAE(SMALL_VQ), in_channels=1, image_shape=[28, 28, 1])  # the VQ-VAE retrained, the prior not
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(InputError) as info:
         load_generator(prior, vq, "cpu")
+    assert stage_line(info.value) == message
     save_model(prior, Prior(SMALL_PRIOR, vocab=32, length=49), vocab=32, length=49, grid=[7, 7])  # no hash, other vocab
-    with pytest.raises(SystemExit, match=re.escape(message)):
+    with pytest.raises(InputError) as info:
         load_generator(prior, vq, "cpu")
+    assert stage_line(info.value) == message

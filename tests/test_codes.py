@@ -6,6 +6,7 @@ import torch
 
 from vqprior.codes import CodeWriter, read_codes, read_meta
 from small_params import SMALL_VQ
+from vqprior.errors import InputError
 from vqprior.models.vqvae import VQVAE
 
 META = {"grid_height": 3, "grid_width": 2, "codebook_size": 1000, "vqvae_sha256": "ab" * 32,
@@ -64,7 +65,7 @@ def test_augmented_rows_come_back_tagged_and_can_be_left_out(tmp_path):
 
 def test_file_without_augmentation_column_asks_for_a_rerun(tmp_path):
     pq.write_table(pa.table({"codes": [[1, 2]]}), tmp_path / "old.parquet")
-    with pytest.raises(SystemExit, match="predates the augmentation column"):
+    with pytest.raises(InputError, match="lacks the split, index, label, augmentation column"):
         read_codes(tmp_path / "old.parquet")
 
 

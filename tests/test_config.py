@@ -56,7 +56,7 @@ def test_the_typed_model_has_no_defaults():
 def _error(changes, base="profiles/smoke.yaml"):
     with pytest.raises(ParamsError) as info:
         parse_params(params_with(changes, base), "params.yaml")
-    return str(info.value.code)
+    return str(info.value)
 
 
 def test_a_missing_key_is_named():
@@ -64,8 +64,8 @@ def test_a_missing_key_is_named():
     del raw["train_vqvae"]["model"]["code_dim"]
     with pytest.raises(ParamsError) as info:
         parse_params(raw, "params.yaml")
-    assert str(info.value.code) == ("error: params.yaml: missing key 'train_vqvae.model.code_dim' (every key is "
-                                    "required; copy it from params.yaml); fix it and run again")
+    assert str(info.value) == ("params.yaml: missing key 'train_vqvae.model.code_dim' (every key is "
+                               "required; copy it from params.yaml); fix it and run again")
 
 
 def test_unknown_key_is_named_with_its_dotted_path():

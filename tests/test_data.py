@@ -12,6 +12,8 @@ from vqprior.data import sources
 from vqprior.data.build import Deduplicator, Job, write_splits
 from vqprior.data.clean import CleanReport
 from vqprior.data.folder import DecodeSpec
+from vqprior.errors import InputError
+from stages._cli import message as stage_line
 from vqprior.data.images import Normalisation, SplitWriter, iter_image_batches, read_images, write_images
 from vqprior.data.sources import ARRAY_SOURCES, DataError, load_cifar10, load_idx_dataset, load_stl10, locate, read_idx
 
@@ -67,7 +69,7 @@ def test_locate_prefers_configured_folder_and_names_all_tried(tmp_path, monkeypa
     monkeypatch.setitem(sources.ARRAY_SOURCES, "fashion_mnist", no_debian)
     with pytest.raises(DataError) as info:
         locate("fashion_mnist", str(tmp_path / "empty"), download=False, download_dir=tmp_path / "dl")
-    msg = str(info.value.code)
+    msg = str(info.value)
     assert str(tmp_path / "empty") in msg and "no-debian" in msg and "dataset-fashion-mnist" in msg
 
 
@@ -167,14 +169,17 @@ def test_stl10_binary_is_read_column_major(tmp_path):
 
 def test_stats_file_missing_corrupt_or_partial_names_prepare(tmp_path):
     from vqprior.data.images import load_stats
-    with pytest.raises(SystemExit, match=r"stats.json not found; run `dvc repro prepare` first"):
+    from stages._cli import message
+    with pytest.raises(InputError) as info:
         load_stats(tmp_path)
+    assert message(info.value) == f"error: {tmp_path}/stats.json not found; run `dvc repro prepare` first"
     (tmp_path / "stats.json").write_text("{")
-    with pytest.raises(SystemExit, match=r"stats.json is not valid JSON; re-run `dvc repro prepare`"):
+    with pytest.raises(InputError) as info:
         load_stats(tmp_path)
+    assert message(info.value) == f"error: {tmp_path}/stats.json is not valid JSON; re-run `dvc repro prepare`"
     (tmp_path / "stats.json").write_text('{"sha256": {"train": "ab"}}')
     assert load_stats(tmp_path)["sha256"] == {"train": "ab"}
-    with pytest.raises(SystemExit, match=r"stats.json lacks normalisation \(written by older code\?\)"):
+    with pytest.raises(InputError, match=r"stats.json lacks normalisation \(written by older code\?\)"):
         load_stats(tmp_path, needs=("normalisation", "sha256"))
 
 
@@ -186,12 +191,14 @@ def test_truncated_parquet_names_the_stage_that_writes_it(tmp_path):
     (tmp_path / "train.parquet").write_bytes(good[: len(good) // 2])  # a copy cut short
     message = f"error: {tmp_path / 'train.parquet'} is not a readable Parquet file (ArrowInvalid); re-run `dvc repro prepare`"
     for read in (lambda p: read_images(p), lambda p: next(iter_image_batches(p, 2))):
-        with pytest.raises(SystemExit) as info:
+        with pytest.raises(InputError) as info:
             read(tmp_path / "train.parquet")
-        assert str(info.value.code) == message
+        assert stage_line(info.value) == message
     (tmp_path / "codes.parquet").write_text("not parquet")
-    with pytest.raises(SystemExit, match=r"codes.parquet is not a readable Parquet file \(ArrowInvalid\); re-run `dvc repro extract_codes`"):
+    with pytest.raises(InputError) as info:
         read_codes(tmp_path / "codes.parquet")
+    assert stage_line(info.value) == (f"error: {tmp_path / 'codes.parquet'} is not a readable Parquet file "
+                                      "(ArrowInvalid); re-run `dvc repro extract_codes`")
 
 
 def test_example_images_are_the_seeded_pick_streamed_batch_by_batch(tmp_path):

@@ -148,7 +148,8 @@ def test_dvc_experiment_with_a_set_param(smoke_repo):
     exp = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "hot", "-S", "sample.temperature=1.3"], smoke_repo)
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage"))
-    # the sweep points take their temperature from the grid, not `sample`; the table's evaluate row changes
+    # the sweep points take their temperature from the grid, not `sample`; only the table's evaluate row changes
+    assert ran == ["evaluate", "sample", "sweep"]
 
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], smoke_repo)
     assert shown.returncode == 0, shown.stderr[-3000:]

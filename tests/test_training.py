@@ -1,9 +1,12 @@
+import re
+
 import pytest
 import torch
 
 from small_params import cpu
 from vqprior.config import TrainParams
 from vqprior.runtime import resolve_runtime
+from vqprior.errors import TrainingError
 from vqprior.training import TrainingDiverged, fit, lr_factor
 
 CPU = resolve_runtime(cpu())
@@ -92,7 +95,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(tmp_path):
 
     with pytest.raises(TrainingDiverged) as info:  # 4 steps per epoch: the 7th step, in epoch 2, is NaN
         fit(model, 64, poisoned, evaluate, P, CPU, seed=1, checkpoint=ckpt, monitor="loss", on_epoch=snapshot)
-    assert "loss is nan" in str(info.value.code) and str(ckpt) in str(info.value.code)
+    assert "loss is nan" in str(info.value) and str(ckpt) in str(info.value)
     saved = torch.load(ckpt, weights_only=False)
     assert saved["epoch"] == 1  # the good epoch survives, with its weights, not the NaN step's
     for k, v in saved["model"].items():
@@ -113,10 +116,29 @@ def test_nan_validation_metric_stops_instead_of_becoming_the_best(tmp_path):
 def test_unreadable_checkpoint_stops_with_one_line(tmp_path):
     model, step, evaluate = make_problem()
     (tmp_path / "c.pt").write_bytes(b"half a checkpoint")
-    with pytest.raises(SystemExit) as info:
+    with pytest.raises(TrainingError) as info:
         fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss", desc="train_x")
-    assert str(info.value.code) == (f"error: train_x: {tmp_path / 'c.pt'} is not a readable checkpoint "
-                                    "(UnpicklingError); delete it to train from the start")
+    assert str(info.value) == (f"train_x: {tmp_path / 'c.pt'} is not a readable checkpoint "
+                               "(KeyError); delete it to train from the start")
+
+
+@pytest.mark.parametrize("stats, advice", [
+    ({"recon_loss": 0.5, "commit_loss": float("inf")}, "(non-finite: commit_loss); the last good checkpoint is kept at "
+     "(none yet); lower that term's weight or train.lr"),
+    ({"recon_loss": float("nan"), "commit_loss": float("nan")}, "(non-finite: recon_loss, commit_loss); the last good "
+     "checkpoint is kept at (none yet); lower that term's weight or train.lr"),
+    ({"recon_loss": 0.5, "commit_loss": 0.1}, "; the last good checkpoint is kept at (none yet); lower train.lr or "
+     "train.grad_clip"),  # every term finite, their weighted sum not: nothing to single out
+])
+def test_non_finite_loss_names_the_term_that_went_non_finite(tmp_path, stats, advice):
+    model, _, evaluate = make_problem()
+
+    def step(idx):
+        return model(torch.zeros(len(idx), 4)).sum() * float("inf"), stats
+
+    with pytest.raises(TrainingDiverged) as info:
+        fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "c.pt", monitor="loss", desc="train_x")
+    assert re.fullmatch(r"train_x: loss is (nan|inf|-inf) at epoch 1, step 0 ?" + re.escape(advice), str(info.value))
 
 
 def test_lr_schedule_warms_up_then_decays():

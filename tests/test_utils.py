@@ -1,4 +1,7 @@
 import json
+import os
+import stat
+import subprocess
 
 import numpy as np
 import pytest
@@ -6,7 +9,8 @@ import torch
 from PIL import Image
 
 from small_params import cpu
-from vqprior.io import atomic_path, write_json_atomic
+from vqprior.errors import ParamsError
+from vqprior.io import atomic_group, atomic_path, write_json_atomic
 from vqprior.plots import save_grid, write_history_csv
 from vqprior.runtime import cpu_has_bf16, resolve_precision, resolve_runtime
 
@@ -22,6 +26,49 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]  # no temporary file left behind
 
 
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_outputs_get_the_mode_of_any_new_file_not_mkstemps_0600(tmp_path, umask, mode):
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "m.json", {"a": 1})
+        (tmp_path / "plain").write_text("x")  # what open() makes under this umask
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == stat.S_IMODE((tmp_path / "plain").stat().st_mode) == mode
+
+
+def test_a_killed_writers_temporary_goes_with_the_next_write_a_live_ones_stays(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid whose process has ended, as after a SIGKILL
+    dead = tmp_path / f".m.json.{gone.pid}.k1ll3d.tmp"
+    live = tmp_path / f".m.json.{os.getppid()}.w0rk1n.tmp"  # our parent: alive, maybe writing
+    other = tmp_path / f".n.json.{gone.pid}.0th3r.tmp"  # another output's: cleaned when that output is written
+    for p in (dead, live, other):
+        p.write_text("half")
+    write_json_atomic(tmp_path / "m.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m.json", live.name, other.name])
+
+
+def test_a_group_of_files_appears_together_or_not_at_all(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_json_atomic(a, {"v": 1})
+    write_json_atomic(b, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic_group():
+            write_json_atomic(a, {"v": 2})  # complete, but held back
+            assert json.loads(a.read_text()) == {"v": 1}
+            with atomic_path(b) as tmp:
+                tmp.write_text("half")
+                raise RuntimeError("killed")
+    assert json.loads(a.read_text()) == json.loads(b.read_text()) == {"v": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+    with atomic_group():
+        write_json_atomic(a, {"v": 2})
+        write_json_atomic(b, {"v": 2})
+    assert json.loads(a.read_text()) == json.loads(b.read_text()) == {"v": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
 def test_runtime_resolution_on_cpu(monkeypatch):
     rt = resolve_runtime(cpu())
     assert rt.device.type == "cpu" and rt.precision == "fp32"
@@ -31,7 +78,7 @@ def test_runtime_resolution_on_cpu(monkeypatch):
         y = torch.ones(4, 4) @ torch.ones(4, 4)
     assert y.dtype == (torch.bfloat16 if auto.precision == "bf16" else torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
-    with pytest.raises(SystemExit, match="no CUDA GPU"):
+    with pytest.raises(ParamsError, match="no CUDA GPU"):
         resolve_runtime(cpu(device="cuda", precision="auto"))
     assert resolve_runtime(cpu(device="auto", precision="auto")).device.type in ("cpu", "mps")
 

@@ -1,2 +1,2 @@
-"""vqprior: VQ-VAE + autoregressive Transformer prior, as a library. Knows nothing of DVC, Prefect or MLflow."""
+"""vqprior: VQ-VAE + autoregressive Transformer prior, as a library. Knows nothing of the tools that drive it (pipeline, tracking, scheduling)."""
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .data.images import labels_to_numpy, open_parquet, open_parquet_writer
+from .errors import InputError
 
 META_KEY = b"vqprior"
 
@@ -93,11 +94,22 @@ def read_meta(path: str | Path) -> dict:
 def read_codes(path: str | Path, augmentations: bool = True) -> CodeGrid:
     """Whole file to arrays, without a Python loop per row; `augmentations=False` keeps only the original images."""
     path = Path(path)
-    if "augmentation" not in open_parquet(path, "extract_codes").schema_arrow.names:
-        raise SystemExit(f"error: {path} predates the augmentation column; run `dvc repro extract_codes` again")
-    table = pq.read_table(path, filters=None if augmentations else [("augmentation", "=", "none")])
-    meta = json.loads(table.schema.metadata[META_KEY])
-    h, w = meta["grid_height"], meta["grid_width"]
-    flat = table.column("codes").combine_chunks().flatten().to_numpy()
+    schema = open_parquet(path, "extract_codes").schema_arrow
+    if missing := [c for c in ("split", "index", "label", "augmentation", "codes") if c not in schema.names]:
+        raise InputError(path, "extract_codes", f"lacks the {', '.join(missing)} column(s) (written by older code?)")
+    try:
+        meta = json.loads((schema.metadata or {})[META_KEY])
+        h, w, size = int(meta["grid_height"]), int(meta["grid_width"]), int(meta["codebook_size"])
+        table = pq.read_table(path, filters=None if augmentations else [("augmentation", "=", "none")])
+        flat = table.column("codes").combine_chunks().flatten().to_numpy()
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        raise InputError(path, "extract_codes", "lacks the code store's metadata (grid, codebook size)") from None
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(path, "extract_codes", f"is damaged ({exc.__class__.__name__})") from None
+    if len(flat) != len(table) * h * w:
+        raise InputError(path, "extract_codes", f"holds code rows that are not {h}x{w} grids")
+    if len(flat) and int(flat.max()) >= size:  # an embedding lookup would fail with a long IndexError later
+        raise InputError(path, "extract_codes", f"holds code {int(flat.max())}, but its codebook has {size} codes "
+                         f"(0..{size - 1})")
     return CodeGrid(flat.reshape(len(table), h, w), labels_to_numpy(table.column("label")),
                     table.column("index").to_numpy(), table.column("augmentation").to_numpy(zero_copy_only=False), meta)

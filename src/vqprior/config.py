@@ -14,12 +14,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ParamsError(SystemExit):
-    """A bad params file: exits with one line naming the key and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+from .errors import ParamsError  # noqa: F401 (raised here; importers of the config find it here too)
 
 
 class Section(BaseModel):
@@ -100,9 +95,18 @@ class VQVAEModelParams(Section):
         return self
 
 
+class HealthParams(Section):
+    """When a trained VQ-VAE counts as collapsed (reported in the output and metrics)."""
+
+    min_codebook_usage: float = Field(ge=0, le=1)
+    min_perplexity: float = Field(ge=0)
+    stop: bool
+
+
 class TrainVQVAEParams(Section):
     model: VQVAEModelParams
     train: TrainParams
+    health: HealthParams
     hflip: bool
 
 
@@ -206,6 +210,23 @@ class Params(Section):
         return self
 
     @model_validator(mode="after")
+    def _keys_agree(self):
+        """Values that are each valid but contradict each other, caught before any work."""
+        codebook = self.train_vqvae.model.codebook_size
+        for key, values in (("sample.top_k", [self.sample.top_k]), ("sweep.top_k", self.sweep.top_k)):
+            if any(k >= codebook for k in values):
+                raise ValueError(f"{key} is {values if len(values) > 1 else values[0]}, but top-k of the "
+                                 f"train_vqvae.model.codebook_size ({codebook}) codes or more keeps them all: use a "
+                                 f"value below {codebook}, or 0 (off)")
+        if self.prepare.val_fraction + self.prepare.test_fraction >= 1:
+            raise ValueError(f"prepare.val_fraction ({self.prepare.val_fraction}) + prepare.test_fraction "
+                             f"({self.prepare.test_fraction}) leave no train images: keep their sum below 1")
+        if self.prepare.max_test is not None and self.evaluate.num_reference > self.prepare.max_test:
+            raise ValueError(f"evaluate.num_reference ({self.evaluate.num_reference}) is more than the "
+                             f"prepare.max_test ({self.prepare.max_test}) test images kept: lower it or raise max_test")
+        return self
+
+    @model_validator(mode="after")
     def _guidance_needs_classes(self):
         if self.train_prior.model.num_classes == 0 and len(self.sweep.guidance) > 1:
             raise ValueError(f"sweep.guidance lists {self.sweep.guidance}, but an unconditional prior "
@@ -214,7 +235,10 @@ class Params(Section):
 
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    key = ".".join(str(part) for part in error["loc"])
+    if not key and error["type"] == "value_error":  # a check across sections: its text names the keys
+        return str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+    key = key or "(top level)"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
     if error["type"] == "missing":
@@ -233,14 +257,40 @@ def parse_params(raw: dict, source: str = "params") -> Params:
         raise ParamsError(f"{source}: {_describe(first)}{more}; fix it and run again") from None
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error: plain YAML keeps the last,
+    so an edit to the first copy would silently do nothing."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(f"key '{key}' appears twice (line {key_node.start_mark.line + 1})")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path} not found; run from the project root or copy a file from profiles/")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ParamsError(f"{path}: {exc}; keep one") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path} is not valid YAML ({exc.__class__.__name__}); fix the syntax") from None
-    if raw is not None and not isinstance(raw, dict):
+    except UnicodeDecodeError:
+        raise ParamsError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except OSError as exc:
+        raise ParamsError(f"{path} cannot be read ({exc.strerror}); check the file") from None
+    if raw is None:  # an empty file would silently run the full-size defaults
+        raise ParamsError(f"{path} is empty; copy params.yaml or a file from profiles/ to it")
+    if not isinstance(raw, dict):
         raise ParamsError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return parse_params(raw, str(path))

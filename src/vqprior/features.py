@@ -11,6 +11,7 @@ import torch_fidelity
 
 from .config import EvaluateParams
 from .data.images import read_images
+from .errors import InputError, require
 from .io import atomic_path
 from .runtime import resolve_precision
 from .metrics import INCEPTION, extract_features, feature_layer, metrics_from_features, precision_recall_by_class
@@ -86,7 +87,8 @@ def save_features(path: str | Path, features: torch.Tensor) -> None:
 
 
 def load_features(path: str | Path = TEST_FEATURES) -> torch.Tensor:
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `dvc repro reference` first")
-    return torch.from_numpy(np.load(path))
+    path = require(path, "reference")
+    try:
+        return torch.from_numpy(np.load(path))  # allow_pickle is off: a cache cannot carry code
+    except (ValueError, OSError, EOFError) as exc:
+        raise InputError(path, "reference", f"is not a readable .npy file ({exc.__class__.__name__})") from None

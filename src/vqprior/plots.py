@@ -1,4 +1,4 @@
-"""Small report outputs: PNG image grids and per-epoch CSV histories (DVC plots)."""
+"""Small report outputs: PNG image grids and per-epoch CSV histories (for plotting tools)."""
 from __future__ import annotations
 
 import csv

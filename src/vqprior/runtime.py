@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .config import ComputeParams
+from .errors import ParamsError
 
 
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which bf16 matmuls and convolutions still run natively
@@ -74,7 +75,7 @@ def resolve_runtime(p: ComputeParams) -> Runtime:
     else:
         device = torch.device(p.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("error: compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+            raise ParamsError("compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
     precision = resolve_precision(p.precision, device)
     return Runtime(device=device, precision=precision, compile=p.compile)
 

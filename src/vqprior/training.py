@@ -14,13 +14,13 @@ import torch
 from tqdm import tqdm
 
 from .config import TrainParams
-from .models import save_state
+from .errors import InputError, TrainingError
+from .models import load_state, save_state
 from .runtime import Runtime
 
 
-class TrainingDiverged(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+class TrainingDiverged(TrainingError):
+    """The loss or a validation metric went non-finite."""
 
 
 def fingerprint(*parts) -> str:
@@ -42,6 +42,13 @@ def adamw(model: torch.nn.Module, p: TrainParams) -> torch.optim.AdamW:
     no_decay = [w for n, w in model.named_parameters() if w.requires_grad and w.dim() < 2]
     groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
+
+
+def non_finite_terms(stats: dict) -> str:
+    """', the non-finite term: commit_loss' for the loss terms among a step's stats that are not finite (the sum alone
+    does not say whether the learning rate or one term's weight is at fault), else ''."""
+    bad = [k for k, v in stats.items() if not math.isfinite(float(v))]
+    return f" (non-finite: {', '.join(bad)})" if bad else ""
 
 
 @dataclass
@@ -84,11 +91,10 @@ def fit(
     steps_per_epoch = max(1, train_size // p.batch_size)
     total = steps_per_epoch * p.epochs
     result, best_state, bad_epochs, start_epoch = FitResult(), None, 0, 0
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False) if checkpoint.exists() else None
-    except Exception as exc:  # writes are atomic, so only a damaged disk or a foreign file gets here
-        raise SystemExit(f"error: {desc}: {checkpoint} is not a readable checkpoint ({exc.__class__.__name__}); "
-                         "delete it to train from the start") from None
+    try:  # writes are atomic, so only a damaged disk or a foreign (or hostile) file fails here
+        state = load_state(checkpoint, desc) if checkpoint.exists() else None
+    except InputError as exc:
+        raise TrainingError(f"{desc}: {checkpoint} {exc.problem}; delete it to train from the start") from None
     if state is not None and state.get("fingerprint") != fingerprint:
         print(f"{desc}: ignoring {checkpoint}: it was written with other params or inputs")
         state = None
@@ -117,8 +123,9 @@ def fit(
                 loss, stats = train_step(idx)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
-                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}; the last good checkpoint is kept "
-                    f"at {checkpoint if checkpoint.exists() else '(none yet)'}; lower train.lr or train.grad_clip"
+                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}{non_finite_terms(stats)}; the last "
+                    f"good checkpoint is kept at {checkpoint if checkpoint.exists() else '(none yet)'}; "
+                    + ("lower that term's weight or train.lr" if non_finite_terms(stats) else "lower train.lr or train.grad_clip")
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -6,16 +6,19 @@ train image is the one dropped: test never leaks into train.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
 
 from .clean import DUPLICATE, DUPLICATE_OF_EARLIER_SPLIT, NEAR_DUPLICATE, CleanReport, NearDuplicateIndex, dhash, pixel_hash
 from .folder import DecodeSpec, _resize_crop, _to_mode
-from .images import DataError, SplitWriter
+from ..errors import DataError
+from ..io import atomic_group
+from .images import SplitWriter
 
 SPLITS = ("train", "val", "test")
 
@@ -80,30 +83,30 @@ def fit_array(image: np.ndarray, spec: DecodeSpec) -> np.ndarray:
     return out[..., None] if out.ndim == 2 else out
 
 
+def pixel_facts(name: str, pixels: np.ndarray | None) -> dict:
+    """Manifest facts of an in-memory image: its size in bytes and the hash of its pixels (no file, no mode)."""
+    return {} if pixels is None else {"size": pixels.nbytes, "hash": pixel_hash(pixels).hex()}
+
+
 def write_splits(jobs: list[Job], images: Iterable[tuple[np.ndarray | None, str | None]], spec: DecodeSpec,
-                 out: Path, report: CleanReport, dedupe: Deduplicator | None) -> dict[str, SplitWriter]:
-    """Consume (pixels, reason) per job, in job order; drop the bad with their reason, write the rest."""
-    writers = {s: SplitWriter(out / f"{s}.parquet", spec.size, spec.size, spec.channels) for s in SPLITS}
-    for w in writers.values():
-        w.__enter__()
-    try:
+                 out: Path, report: CleanReport, dedupe: Deduplicator | None,
+                 facts: Callable[[str, np.ndarray | None], dict] = pixel_facts) -> dict[str, SplitWriter]:
+    """Consume (pixels, reason) per job, in job order; drop the bad with their reason, write the rest. Each job becomes
+    a manifest row of `report`, with the `facts(name, pixels)` (size, mode, hash) of its file or pixels."""
+    # on any error every writer's temporary file goes; on success the three splits appear together
+    with atomic_group(), contextlib.ExitStack() as stack:
+        writers = {s: stack.enter_context(SplitWriter(out / f"{s}.parquet", spec.size, spec.size, spec.channels))
+                   for s in SPLITS}
         for job, (pixels, reason) in zip(jobs, images, strict=True):
             if reason is None and dedupe is not None:
                 reason = dedupe.check(pixels, "test" if job.split == "test" else "train")
-            if reason is not None:
-                report.drop(reason, job.split, examples=[job.name])
-                continue
-            writers[job.split].add(pixels, job.label)
+            report.record(job.name, job.split, reason, label=job.label, **facts(job.name, pixels))
+            if reason is None:
+                writers[job.split].add(pixels, job.label)
         empty = [s for s in SPLITS if writers[s].count == 0]
         if empty:
             raise DataError(f"no usable images left for the {' and '.join(empty)} split(s) after cleaning "
-                            f"(dropped: {report.as_dict()['dropped']}); check data.root and the prepare params")
-    except BaseException as exc:
-        for w in writers.values():
-            w.__exit__(type(exc), exc, exc.__traceback__)  # nothing half-written is renamed into place
-        raise
-    for w in writers.values():
-        w.__exit__(None, None, None)
+                            f"(dropped: {report.dropped}); check data.root and the prepare params")
     return writers
 
 

@@ -9,7 +9,10 @@ turned into L or RGB (transparent areas on white); the short side resized with a
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -24,6 +27,9 @@ SPLIT_FOLDERS = ("train", "test")
 # reason codes for files that never become images (those found by looking at pixels live in clean.py)
 ZERO_BYTES, NOT_AN_IMAGE, UNREADABLE = "zero_bytes", "not_an_image", "unreadable"
 TOO_SMALL, EXTREME_ASPECT, LINK_OUTSIDE_ROOT = "too_small", "extreme_aspect", "link_outside_root"
+# entries skipped on purpose, each under its own reason so the report adds up to everything seen
+HIDDEN, SYMLINK_LOOP, BROKEN_LINK, LINK_TO_FOLDER = "hidden", "symlink_loop", "broken_link", "link_to_folder"
+FOLDER_NAMED_LIKE_IMAGE, OUTSIDE_SPLIT_FOLDERS = "folder_named_like_image", "outside_split_folders"
 
 
 @dataclass(frozen=True)
@@ -38,12 +44,29 @@ class DecodeSpec:
 class FolderScan:
     files: dict[str, list[tuple[str, int]]]  # split ("all" or train/test) -> (path relative to root, label)
     classes: list[str]  # label i is classes[i]
-    rejected: list[tuple[str, str]]  # (relative path, reason) of entries not even worth decoding
+    rejected: list[tuple[str, str]]  # (relative path, reason) of entries not even worth decoding; a folder's ends in /
+
+
+def _link_problem(path: Path, real_root: Path) -> str | None:
+    """Why a symbolic link is not followed (a loop, a dead end, out of the root, a folder), or None for a link to a
+    file inside the root."""
+    try:
+        target = path.resolve(strict=True)
+    except RuntimeError:  # Python 3.11's resolve() says "Symlink loop" this way
+        return SYMLINK_LOOP
+    except FileNotFoundError:
+        return BROKEN_LINK
+    except OSError as exc:
+        return SYMLINK_LOOP if exc.errno == errno.ELOOP else BROKEN_LINK
+    if not target.is_relative_to(real_root):
+        return LINK_OUTSIDE_ROOT
+    return LINK_TO_FOLDER if target.is_dir() else None  # a folder inside the root: its files are found where they live
 
 
 def scan_folder(root: str | Path) -> FolderScan:
-    """Every regular file under `root`, in sorted order; symbolic links that lead out of the root are rejected,
-    links to folders are not followed (no cycles, no second copies)."""
+    """Every regular file under `root`, in sorted order. Hidden entries, symbolic links that loop, dangle, lead out
+    of the root or to a folder (no cycles, no second copies) and folders named like images are rejected with a reason
+    each; so are entries beside train/ and test/ in a split layout."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -53,26 +76,53 @@ def scan_folder(root: str | Path) -> FolderScan:
     classes = sorted({d.name for base in split_roots.values() for d in base.iterdir()
                       if d.is_dir() and not d.is_symlink() and not d.name.startswith(".")})
     files, rejected = {}, []
+    if "all" not in split_roots:
+        rejected += [(e.name + ("/" if e.is_dir() else ""), HIDDEN if e.name.startswith(".") else OUTSIDE_SPLIT_FOLDERS)
+                     for e in sorted(root.iterdir()) if e.name not in SPLIT_FOLDERS]
     for split, base in split_roots.items():
         found = []
         for dirpath, dirnames, filenames in os.walk(base, followlinks=False):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             here = Path(dirpath)
-            for name in sorted(filenames) + [d for d in dirnames if (here / d).is_symlink()]:
+            for d in sorted(dirnames):  # os.walk lists links to folders here, and loops too
+                rel = str((here / d).relative_to(root))
+                if d.startswith("."):
+                    rejected.append((rel + "/", HIDDEN))
+                elif (here / d).is_symlink():
+                    rejected.append((rel, _link_problem(here / d, real_root) or LINK_TO_FOLDER))
+                elif Path(d).suffix.lower() in IMAGE_SUFFIXES:  # walked into, but worth a word in the report
+                    rejected.append((rel + "/", FOLDER_NAMED_LIKE_IMAGE))
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not (here / d).is_symlink())
+            for name in sorted(filenames):
                 path = here / name
-                if name.startswith("."):
-                    continue
                 rel = str(path.relative_to(root))
-                if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                    rejected.append((rel, LINK_OUTSIDE_ROOT))
+                if name.startswith("."):
+                    rejected.append((rel, HIDDEN))
                     continue
-                if path.is_dir():  # a link to a folder inside the root: its files are found where they live
+                if path.is_symlink() and (problem := _link_problem(path, real_root)):
+                    rejected.append((rel, problem))
                     continue
                 parts = path.relative_to(base).parts
                 label = classes.index(parts[0]) if len(parts) > 1 else -1
                 found.append((rel, label))
         files[split] = found
     return FolderScan(files, classes, rejected)
+
+
+def entry_facts(path: str | Path, content: bool = True) -> dict:
+    """A file's manifest facts: size, permission bits and (with `content`) the sha256 of its bytes. The link itself
+    is described, not its target, so a loop or a dangling link has facts too."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return {}
+    facts = {"size": st.st_size, "mode": stat.S_IMODE(st.st_mode)}
+    if content:
+        try:
+            with open(path, "rb") as f:  # follows a link to a file inside the root, which is what was decoded
+                facts["hash"] = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError:  # a loop, a dangling link, a folder: no content to hash
+            pass
+    return facts
 
 
 def _to_mode(im: Image.Image, channels: int) -> Image.Image:

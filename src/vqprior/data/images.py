@@ -16,16 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ..errors import DataError, InputError, require
 from ..io import atomic_path
 
 ROW_GROUP = 8192
-
-
-class DataError(SystemExit):
-    """Bad or missing data: stops the stage with one line saying what is wrong and what to do."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 @dataclass
@@ -124,19 +118,12 @@ def _image_shape(path: Path, schema: pa.Schema) -> tuple[int, int, int]:
     try:
         return tuple(int(meta[k]) for k in (b"height", b"width", b"channels"))
     except KeyError:
-        raise SystemExit(f"error: {path} lacks height/width/channels metadata; re-run `dvc repro prepare`") from None
+        raise InputError(path, "prepare", "lacks height/width/channels metadata") from None
 
 
 def labels_to_numpy(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A nullable label column -> int64 with -1 where the label is unknown."""
     return column.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def _existing(path: str | Path, stage: str = "prepare") -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"error: {path} not found; run `dvc repro {stage}` first")
-    return path
 
 
 def open_parquet_writer(path: str | Path, schema: pa.Schema) -> tuple[contextlib.ExitStack, pq.ParquetWriter]:
@@ -150,12 +137,11 @@ def open_parquet_writer(path: str | Path, schema: pa.Schema) -> tuple[contextlib
 
 def open_parquet(path: str | Path, stage: str) -> pq.ParquetFile:
     """A Parquet file a stage wrote; missing or unreadable (truncated, not Parquet) stops with one line naming `stage`."""
-    path = _existing(path, stage)
+    path = require(path, stage)
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
-        raise SystemExit(f"error: {path} is not a readable Parquet file ({exc.__class__.__name__}); "
-                         f"re-run `dvc repro {stage}`") from None
+        raise InputError(path, stage, f"is not a readable Parquet file ({exc.__class__.__name__})") from None
 
 
 def read_images(path: str | Path, limit: int | None = None) -> ImageSplit:
@@ -228,13 +214,15 @@ def file_sha256(path: str | Path) -> str:
 
 def load_stats(folder: str | Path, needs: tuple[str, ...] = ("sha256",)) -> dict:
     """prepare's summary of the prepared splits (shape, counts, normalisation, hashes), with the keys a stage `needs`."""
-    path = _existing(Path(folder) / "stats.json")
+    path = require(Path(folder) / "stats.json", "prepare")
     try:
         stats = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise SystemExit(f"error: {path} is not valid JSON; re-run `dvc repro prepare`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(path, "prepare", "is not valid JSON") from None
+    if not isinstance(stats, dict):
+        raise InputError(path, "prepare", f"holds a JSON {type(stats).__name__}, not an object")
     if missing := [k for k in needs if k not in stats]:
-        raise SystemExit(f"error: {path} lacks {', '.join(missing)} (written by older code?); re-run `dvc repro prepare`")
+        raise InputError(path, "prepare", f"lacks {', '.join(missing)} (written by older code?)")
     return stats
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .images import DataError  # re-exported: sources are where most data errors arise
+from ..errors import DataError  # re-exported: sources are where most data errors arise
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = {

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import VQVAEModelParams
+from ..config import HealthParams, VQVAEModelParams
 from ..data.images import Normalisation
 from . import read_checkpoint
 from .quantizer import EMAQuantizer
@@ -90,3 +90,16 @@ def load_vqvae(path, device: torch.device | str = "cpu") -> tuple[VQVAE, dict]:
                   normalisation=Normalisation.from_dict(state.get("normalisation")))
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), state
+
+
+def collapse_reasons(usage: float, perplexity: float, mse: float, mean_image_mse: float, p: HealthParams) -> list[str]:
+    """Why a trained VQ-VAE counts as collapsed (empty: healthy): too few codes in use, or reconstructions no better
+    than predicting the mean training image for every input (the decoder ignores the codes)."""
+    reasons = []
+    if usage < p.min_codebook_usage:
+        reasons.append(f"codebook usage {usage:.3f} < train_vqvae.health.min_codebook_usage {p.min_codebook_usage}")
+    if perplexity < p.min_perplexity:
+        reasons.append(f"perplexity {perplexity:.2f} < train_vqvae.health.min_perplexity {p.min_perplexity}")
+    if mse >= mean_image_mse:
+        reasons.append(f"reconstruction MSE {mse:.5f} is no better than the mean image's {mean_image_mse:.5f}")
+    return reasons
