@@ -17,11 +17,13 @@ from stages._cli import speaks
 from stages._tracking import tracked_run
 from vqprior.config import SampleParams, SweepParams, load_params
 from vqprior.figures import plt, save_figure
-from vqprior.io import write_split_json
+from vqprior.io import read_split_json, write_split_json
 from vqprior.plots import write_csv
 
 POINTS = Path("data/sweep")
-SAMPLE_METRICS, EVALUATE_METRICS = Path("metrics/sample.json"), Path("metrics/evaluate.json")
+# evaluate's point: what `sample` drew and `evaluate` scored, each stage's headline file and the detail beside it
+SAMPLE_REPORT = (Path("metrics/sample.json"), Path("reports/sample_detail.json"))
+EVALUATE_REPORT = (Path("metrics/evaluate.json"), Path("reports/evaluate_detail.json"))
 COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "kid", "precision", "recall", "f_score", "num_samples",
            "unique_codes_used", "source")
 SETTINGS = ("temperature", "top_k", "top_p", "guidance")
@@ -45,15 +47,15 @@ def read_points(cfg: SweepParams, folder: Path = POINTS) -> list[dict]:
     return [{k: found[point].get(k) for k in COLUMNS} | {"source": "sweep_point"} for point in grid(cfg)]
 
 
-def evaluated_point(settings: SampleParams, sample: Path = SAMPLE_METRICS, evaluate: Path = EVALUATE_METRICS) -> dict:
+def evaluated_point(settings: SampleParams, sample=SAMPLE_REPORT, evaluate=EVALUATE_REPORT) -> dict:
     """The row of `sample`'s own settings with `evaluate`'s scores of its headline set."""
-    drawn, scores = (json.loads(path.read_text()) for path in (sample, evaluate))
+    drawn, scores = read_split_json(*sample), read_split_json(*evaluate)
     return ({k: scores.get(k) for k in COLUMNS} | {k: getattr(settings, k) for k in SETTINGS}
             | {"unique_codes_used": drawn.get("unique_codes_used"), "source": "evaluate"})
 
 
-def all_points(cfg: SweepParams, settings: SampleParams, folder: Path = POINTS, sample: Path = SAMPLE_METRICS,
-               evaluate: Path = EVALUATE_METRICS) -> list[dict]:
+def all_points(cfg: SweepParams, settings: SampleParams, folder: Path = POINTS, sample=SAMPLE_REPORT,
+               evaluate=EVALUATE_REPORT) -> list[dict]:
     """The grid's points, and `evaluate`'s point first unless the grid holds the same settings."""
     points = read_points(cfg, folder)
     ev = evaluated_point(settings, sample, evaluate)

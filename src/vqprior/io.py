@@ -145,6 +145,11 @@ def write_split_json(headline_path: str | Path, detail_path: str | Path, values:
     write_json_atomic(detail_path, {k: v for k, v in values.items() if k not in headline})
 
 
+def read_split_json(headline_path: str | Path, detail_path: str | Path) -> dict:
+    """What `write_split_json` wrote, whole again."""
+    return json.loads(Path(headline_path).read_text()) | json.loads(Path(detail_path).read_text())
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
