@@ -534,7 +534,12 @@ def _temporaries(project: Path) -> list[str]:
     # killed after the first epoch's checkpoint: the re-run resumes from it
     ("train_prior", ["models/prior.pt"], lambda p: (p / "checkpoints/train_prior.pt").exists(),
      {"train_prior": {"train": {"epochs": 3, "batch_size": 8}}}),
-], ids=["extract_codes-mid-write", "train_prior-after-epoch-1"])
+    ("train_vqvae", ["models/vqvae.pt"], lambda p: (p / "checkpoints/train_vqvae.pt").exists(),
+     {"train_vqvae": {"train": {"epochs": 3, "batch_size": 16}}}),
+    ("train_classifier", ["models/classifier.pt"], lambda p: (p / "checkpoints/train_classifier.pt").exists(),
+     {"train_classifier": {"train": {"epochs": 3, "batch_size": 16}}}),
+], ids=["extract_codes-mid-write", "train_prior-after-epoch-1", "train_vqvae-after-epoch-1",
+        "train_classifier-after-epoch-1"])
 def test_sigkill_then_rerun_by_hand_gives_the_uninterrupted_outputs(project, store, stage, outputs, ready, params):
     p = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in params.items():
