@@ -22,7 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import ROOT, require_fashion_mnist, run, subprocess_env
+from conftest import ROOT, require_fashion_mnist, run, stage_report, subprocess_env
 from vqprior.codes import CodeWriter, read_meta
 
 SMOKE = yaml.safe_load((ROOT / "profiles/smoke.yaml").read_text())
@@ -300,11 +300,11 @@ def test_training_collapse_is_reported_and_stops_when_asked(project, monkeypatch
     params["train_vqvae"]["health"].update(min_perplexity=1000.0)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert run_main("train_vqvae", project, monkeypatch) is None
-    metrics = json.loads((project / "metrics/train_vqvae.json").read_text())
+    metrics = stage_report(project, "train_vqvae")  # the headline file and the detail beside it
     assert metrics["collapsed"] is True and metrics["mean_image_mse"] > 0
     warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(warning) == 1 and warning[0].startswith("train_vqvae: warning: the model collapsed (perplexity ")
-    assert f"< train_vqvae.health.min_perplexity 1000.0" in warning[0]
+    assert "< train_vqvae.health.min_perplexity 1000.0" in warning[0]
     no_better = metrics["test_mse"] >= metrics["mean_image_mse"]
     assert ("no better than the mean image" in warning[0]) == no_better
     params["train_vqvae"]["health"].update(stop=True)
@@ -567,3 +567,47 @@ def test_sigkill_then_rerun_by_hand_gives_the_uninterrupted_outputs(project, sto
     assert _temporaries(project) == [] and not (project / "checkpoints" / f"{stage}.pt").exists()
     assert snapshot(project).keys() == tree.keys()  # no stray file of the killed run
     assert _runs_of(store, pid) == ["KILLED"]  # marked when the stage started again
+
+
+# --- SIGKILL part-way through every other writing stage: whatever is on disk is whole, the re-run leaves no stray ----
+
+READERS = {".json": lambda p: json.loads(p.read_text()), ".npy": np.load, ".parquet": pd.read_parquet,
+           ".png": lambda p: Image.open(p).load(), ".pt": lambda p: torch.load(p, weights_only=True)}
+BEFORE = {"reconstruction_fid": ["reference"], "evaluate": ["reference", "reconstruction_fid", "train_classifier"]}
+
+
+def _readable(project: Path) -> list[str]:
+    """Every output file of the project, each read whole by its type's reader (a half-written one fails)."""
+    read = []
+    for path in sorted(project.rglob("*")):
+        if path.is_file() and not path.name.startswith(".") and path.suffix in READERS:
+            READERS[path.suffix](path)
+            read.append(str(path.relative_to(project)))
+    return read
+
+
+@pytest.mark.parametrize("stage", ["prepare", "reference", "reconstruction_fid", "sample", "analyse_prior", "evaluate"])
+def test_sigkill_part_way_leaves_whole_files_and_the_rerun_no_stray(project, store, stage):
+    """The stage is killed at about 60 % of its uninterrupted wall time: every file left is whole (old or new), a
+    re-run by hand succeeds, leaves no temporary and exactly the files of the uninterrupted run, and the killed MLflow
+    run is not left RUNNING."""
+    for before in BEFORE.get(stage, []):
+        cmd, kwargs = _stage(before, project, store)
+        assert subprocess.run(cmd, **kwargs, timeout=300).returncode == 0, before
+    cmd, kwargs = _stage(stage, project, store)
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, **kwargs, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    seconds = time.monotonic() - t0
+    tree = snapshot(project)
+
+    proc = subprocess.Popen(cmd, **kwargs)
+    time.sleep(0.6 * seconds)
+    proc.kill()
+    proc.wait()
+    assert len(_readable(project)) >= len([k for k in tree if Path(k).suffix in READERS])  # nothing half-written
+
+    again = subprocess.run(cmd, **kwargs, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _temporaries(project) == [] and snapshot(project).keys() == tree.keys()
+    assert "RUNNING" not in _runs_of(store, proc.pid)

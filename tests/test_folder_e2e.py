@@ -4,7 +4,6 @@ import json
 import sys
 
 import numpy as np
-import pytest
 import yaml
 from PIL import Image
 

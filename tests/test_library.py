@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vqprior.codes import CodeWriter, read_codes
-from vqprior.config import ComputeParams, PriorModelParams, TrainParams, VQVAEModelParams
+from small_params import SMALL_PRIOR, SMALL_VQ, cpu
+from vqprior.config import TrainParams
 from vqprior.data.images import Normalisation
 from vqprior.errors import InputError, VqpriorError
 from vqprior.metrics import TINY, fidelity_metrics
@@ -21,7 +22,7 @@ from vqprior.sampling import generate
 from vqprior.training import fit
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-CPU = resolve_runtime(ComputeParams(device="cpu", precision="fp32"))
+CPU = resolve_runtime(cpu())
 
 
 def shapes(n: int, seed: int = 0) -> np.ndarray:
@@ -40,7 +41,7 @@ def test_build_train_encode_sample_score_from_plain_python(tmp_path, monkeypatch
     torch.manual_seed(0)
     norm = Normalisation()
     x = norm.to_model(shapes(96))
-    vq = VQVAE(VQVAEModelParams(channels=16, res_blocks=0, downsamples=2, codebook_size=8, code_dim=4, kmeans_iters=2),
+    vq = VQVAE(SMALL_VQ.model_copy(update=dict(res_blocks=0, codebook_size=8, code_dim=4, kmeans_iters=2)),
                in_channels=1, normalisation=norm)
 
     def vq_step(idx):
@@ -51,7 +52,7 @@ def test_build_train_encode_sample_score_from_plain_python(tmp_path, monkeypatch
         recon, _, _ = vq(x[:32])
         return {"mse": float(((norm.to_unit(recon) - norm.to_unit(x[:32])) ** 2).mean())}
 
-    train = TrainParams(epochs=2, batch_size=16, lr=3e-3, warmup_steps=2)
+    train = TrainParams(epochs=2, batch_size=16, lr=3e-3, weight_decay=0.0, warmup_steps=2, grad_clip=1.0, patience=3)
     result = fit(vq, len(x), vq_step, vq_val, train, CPU, seed=0, checkpoint=tmp_path / "vq.ckpt", monitor="mse")
     assert result.epochs == 2 and result.history[-1]["val_mse"] < result.history[0]["train_mse"]
 
@@ -65,7 +66,7 @@ def test_build_train_encode_sample_score_from_plain_python(tmp_path, monkeypatch
     assert np.array_equal(store.codes, codes.numpy()) and store.codebook_size == 8 and (store.labels == -1).all()
 
     flat = torch.from_numpy(store.codes.reshape(96, 16).astype("int64"))
-    prior = Prior(PriorModelParams(d_model=16, n_layers=1, n_heads=2, dropout=0.0), vocab=8, length=16)
+    prior = Prior(SMALL_PRIOR.model_copy(update=dict(d_model=16, n_layers=1)), vocab=8, length=16)
 
     def prior_val():
         return {"nll": float(prior.loss(flat[:32])[1]["nll"])}
