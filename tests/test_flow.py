@@ -9,12 +9,12 @@ import yaml
 
 from conftest import copy_repo, run
 from flows.pipeline import select, stage_order
+from vqprior.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_order_of_the_real_dvc_yaml_expands_the_sweep_grid():
-    from vqprior.config import load_params
 
     grid = load_params(REPO / "params.yaml").sweep
     points = [f"sweep_point@{t}-{k}-{p}-{g}" for t in grid.temperature for k in grid.top_k for p in grid.top_p
@@ -69,7 +69,9 @@ def test_select_keeps_dag_order_and_rejects_unknown_names(monkeypatch):
     assert select(["sample", "prepare"]) == ["prepare", "sample"]
     assert select(None)[0] == "prepare"
     points = select(["sweep", "sweep_point"])  # a matrix stage's name selects all its points
-    assert points[-1] == "sweep" and len(points) > 2 and all(p.startswith("sweep_point@") for p in points[:-1])
+    grid = load_params(REPO / "params.yaml").sweep
+    size = len(grid.temperature) * len(grid.top_k) * len(grid.top_p) * len(grid.guidance)
+    assert points[-1] == "sweep" and len(points) == size + 1 and all(p.startswith("sweep_point@") for p in points[:-1])
     with pytest.raises(ValueError, match="nope"):
         select(["nope"])
 
