@@ -171,10 +171,16 @@ def close_killed_runs(experiment_id: str, stage: str) -> list[str]:
 
 class StageRun:
     """What a stage may log; thin so the stage code reads as plain calls. A store that fails mid-stage stops the stage
-    with one line (TrackingError), like one that fails at the start."""
+    with one line (TrackingError), like one that fails at the start; where `tracking.required` is false, it is
+    reported once and the stage goes on untracked. `StageRun(None, ...)` logs nothing."""
 
-    def __init__(self, mlflow):
-        self._mlflow = _Guarded(mlflow)
+    def __init__(self, mlflow, stage: str, required: bool = True):
+        self._mlflow = _Guarded(mlflow, stage, required)
+
+    @property
+    def tracking(self) -> bool:
+        """False once the stage goes on untracked."""
+        return self._mlflow._mlflow is not None
 
     def log_epoch(self, step: int, metrics: dict) -> None:
         self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
@@ -207,21 +213,30 @@ class StageRun:
 
 
 class _Guarded:
-    """MLflow's module, each call turning a store failure into a TrackingError."""
+    """MLflow's module, each call turning a store failure into a TrackingError (or, where tracking is optional, into
+    one warning, after which every call does nothing)."""
 
-    def __init__(self, mlflow):
-        self._mlflow = mlflow
+    def __init__(self, mlflow, stage: str, required: bool):
+        self._mlflow, self._stage, self._required = mlflow, stage, required
 
     def __getattr__(self, name):
-        call = getattr(self._mlflow, name)
-
         def guarded(*args, **kwargs):
+            if self._mlflow is None:
+                return None
             try:
-                return call(*args, **kwargs)
+                return getattr(self._mlflow, name)(*args, **kwargs)
             except store_errors() as exc:
-                raise tracking_failure(exc, tracking_uri()) from None
+                failure = tracking_failure(exc, tracking_uri())
+                if self._required:
+                    raise failure from None
+                untracked(self._stage, failure)
+                self._mlflow = None
 
         return guarded
+
+
+def untracked(stage: str, failure: TrackingError) -> None:
+    print(f"{stage}: warning: tracking skipped from here on ({failure}; tracking.required is false)", flush=True)
 
 
 @contextmanager
@@ -232,8 +247,9 @@ def _store(uri: str, os_errors: bool = True):
         raise tracking_failure(exc, uri) from None
 
 
-@contextmanager
-def tracked_run(stage: str, params):
+def _start_run(stage: str, params):
+    """Start the stage's MLflow run, tagged and with the params dvc.yaml says the stage reads; closes the stage's runs
+    that a killed process left RUNNING."""
     import mlflow
 
     uri = tracking_uri()
@@ -243,10 +259,7 @@ def tracked_run(stage: str, params):
         close_killed_runs(experiment_id, stage)
         parent = os.environ.get(PARENT_RUN_ENV) or None
         active = mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent)
-    # the stage's own work runs inside: its disk errors are its own, so only the store's errors are caught here
-    # (ending the run writes to the store too)
-    with _store(uri, os_errors=False), active:
-        with _store(uri):
+        try:
             mlflow.set_tags({
                 "dvc.stage": stage,
                 "git.commit": git_commit(),
@@ -254,7 +267,38 @@ def tracked_run(stage: str, params):
                 HOST_TAG: socket.gethostname(),
                 PID_TAG: str(os.getpid()),
             })
-            # log exactly the params dvc.yaml says this stage reads
             dumped = params.model_dump()
             mlflow.log_params(flatten({key: dumped[key] for key in stage_param_keys(stage)}))
-        yield StageRun(mlflow)
+        except BaseException:
+            with contextlib.suppress(*store_errors()):
+                mlflow.end_run("FAILED")
+            raise
+    return active
+
+
+@contextmanager
+def tracked_run(stage: str, params):
+    """The stage's MLflow run around its work. A store that cannot be used fails the stage in seconds with one line,
+    or, with `tracking.required: false`, lets it run untracked after one warning."""
+    import mlflow
+
+    required = params.tracking.required
+    try:
+        active = _start_run(stage, params)
+    except TrackingError as failure:
+        if required:
+            raise
+        untracked(stage, failure)
+        yield StageRun(None, stage)
+        return
+    run = StageRun(mlflow, stage, required)
+    # the stage's own work runs inside: its disk errors are its own, so only the store's errors are caught here
+    # (ending the run writes to the store too)
+    try:
+        with _store(tracking_uri(), os_errors=False), active:
+            yield run
+    except TrackingError as failure:
+        if required:
+            raise
+        if run.tracking:  # (else already reported: the run's end failed as a call before it did)
+            untracked(stage, failure)

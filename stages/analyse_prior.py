@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.codes import CodeGrid, read_codes
 from vqprior.config import load_params
 from vqprior.data.images import read_images
@@ -30,8 +31,7 @@ from vqprior.io import write_split_json
 from vqprior.models.prior import load_prior
 from vqprior.runtime import resolve_runtime
 
-CODES, PREPARED = Path("data/codes"), Path("data/prepared")
-HEADLINE = ("val_nll", "gap", "flat_nll_share", "seconds")  # metrics/; by position and by class go to reports/
+HEADLINE = ("val_nll", "gap", "flat_nll_share")  # metrics/; by position and by class go to reports/
 FLAT_RANGE = 4  # uint8 levels: a patch whose max - min is at most this shows nothing but its background
 BATCH = 512
 
@@ -110,11 +110,11 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     with tracked_run("analyse_prior", p) as run:
         t0 = time.perf_counter()
-        prior, prior_state = load_prior("models/prior.pt", runtime.device)
-        val, train = read_codes(CODES / "val.parquet", False), read_codes(CODES / "train.parquet", False)
+        prior, prior_state = load_prior(paths.PRIOR, runtime.device)
+        val, train = read_codes(paths.CODES / "val.parquet", False), read_codes(paths.CODES / "train.parquet", False)
         if prior_state.get("vqvae_sha256", val.meta["vqvae_sha256"]) != val.meta["vqvae_sha256"]:
-            raise InputError("models/prior.pt", "train_prior", f"was trained on codes of another VQ-VAE than {CODES}'s")
-        images = read_images(PREPARED / "val.parquet").images[val.index]  # the val grids' own images, row for row
+            raise InputError(paths.PRIOR, "train_prior", f"was trained on codes of another VQ-VAE than {paths.CODES}'s")
+        images = read_images(paths.PREPARED / "val.parquet").images[val.index]  # the val grids' own images, row for row
         print(f"analyse_prior: teacher-forced NLL of {len(val.codes)} val grids and as many train grids "
               f"({val.grid[0]}x{val.grid[1]}, {runtime.device} {runtime.precision})")
         n = len(val.codes)  # as many train grids as val ones: enough for the gap, and quick
@@ -122,7 +122,7 @@ def main() -> None:
                             flat_patches(images, val.grid), val.labels, train.labels[:n], val.grid)
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         save_nll_map(metrics, images.mean(0), "reports/prior_nll_map.png")
-        write_split_json("metrics/analyse_prior.json", "reports/analyse_prior_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["analyse_prior"], metrics, HEADLINE)
         run.log_metrics(metrics)
         run.log_artifact("reports/prior_nll_map.png")
         flat = ("" if metrics["val_nll_flat"] is None else

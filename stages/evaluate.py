@@ -19,6 +19,7 @@ import torch
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.errors import InputError, require
 from vqprior.features import TEST_IMAGES, read_uint8_images, score_samples
@@ -27,15 +28,17 @@ from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
 from vqprior.models.classifier import CLASSIFIER
 from vqprior.runtime import resolve_runtime
 
-CLASSIFIER_WEIGHTS = "models/classifier.pt"
 # what metrics/evaluate.json holds (with the floor and ceilings beside it); the rest goes to reports/evaluate_detail.json
-HEADLINE = ("fid", "precision", "recall", "fid_mean", "fid_std", "precision_mean", "recall_mean", "classifier_fid",
-            "floor_fid", "floor_precision", "floor_recall", "rfid", "prior_ceiling_fid", "prior_ceiling_precision",
-            "prior_ceiling_recall", "seconds")
+# metrics/: what a user compares across runs; the other stages' numbers it quotes, means, by class go to reports/
+HEADLINE = ("fid", "precision", "recall", "fid_std", "classifier_fid")
 
 
-def read_metrics(path: str, stage: str, keys) -> dict:
+def read_metrics(stage: str, keys) -> dict:
+    """`keys` of `stage`'s report (the headline file, and the detail beside it where there is one), each required."""
+    path, detail = paths.REPORTS[stage]
     metrics = json.loads(require(path, stage).read_text())
+    if detail.exists():
+        metrics |= json.loads(detail.read_text())
     if missing := [k for k in keys if k not in metrics]:
         raise InputError(path, stage, f"lacks {', '.join(missing)} (written by older code?)")
     return {k: metrics[k] for k in keys}
@@ -52,7 +55,7 @@ def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighbor
     """FID / precision / recall in the classifier's feature space: the samples vs the same first test images."""
     reference = read_uint8_images(TEST_IMAGES, limit=num_reference)
     feats = [extract_features(x, extractor=CLASSIFIER, batch_size=500, device=device,
-                              feature_extractor_weights_path=CLASSIFIER_WEIGHTS) for x in (generated, reference)]
+                              feature_extractor_weights_path=paths.CLASSIFIER) for x in (generated, reference)]
     m = metrics_from_features(*feats, prc_neighborhood=prc_neighborhood)
     return {f"classifier_{k}": m[k] for k in ("fid", "precision", "recall", "f_score")}
 
@@ -76,24 +79,21 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     with tracked_run("evaluate", p) as run:
         # every input read and checked before minutes of Inception
-        sets = {path: read_samples(path, "sample") for path in [Path("data/samples/images.npy"),
-                                                                *extra_sample_sets("data/samples")]}
+        sets = {path: read_samples(path, "sample") for path in [paths.SAMPLES / "images.npy",
+                                                                *extra_sample_sets(paths.SAMPLES)]}
         generated, *extra_sets = sets.values()
-        labels_file = Path("data/samples/labels.npy")  # a conditional prior's sample classes
+        labels_file = paths.SAMPLES / "labels.npy"  # a conditional prior's sample classes
         labels = torch.from_numpy(np.load(labels_file)) if labels_file.exists() else None
         real_shape = tuple(read_uint8_images(TEST_IMAGES, limit=1).shape[1:])
         for path, images in sets.items():
             if tuple(images.shape[1:]) != real_shape:
                 raise InputError(path, "sample", f"holds images of {tuple(images.shape[1:])} (C, H, W) but the test "
                                  f"split's are {real_shape}")
-        require(CLASSIFIER_WEIGHTS, "train_classifier")
-        context = read_metrics("metrics/reference.json", "reference", [f"floor_{k}" for k in ("fid", "precision", "recall")])
-        context |= read_metrics("reports/reference_detail.json", "reference", ["floor_recall_by_class"])
-        context |= read_metrics("metrics/reconstruction.json", "reconstruction_fid",
-                                ["rfid"] + [f"prior_ceiling_{k}" for k in ("fid", "precision", "recall")])
-        context |= read_metrics("reports/reconstruction_detail.json", "reconstruction_fid",
-                                ["prior_ceiling_recall_by_class"])
-        accuracy = read_metrics("metrics/train_classifier.json", "train_classifier", ["test_accuracy"])["test_accuracy"]
+        require(paths.CLASSIFIER, "train_classifier")
+        scored = ("fid", "precision", "recall", "recall_by_class")
+        context = read_metrics("reference", [f"floor_{k}" for k in scored])
+        context |= read_metrics("reconstruction_fid", ["rfid"] + [f"prior_ceiling_{k}" for k in scored])
+        accuracy = read_metrics("train_classifier", ["test_accuracy"])["test_accuracy"]
         print(f"evaluate: {len(generated)} samples vs the cached test features, {INCEPTION}")
         metrics = score_samples(generated, p.evaluate, str(runtime.device), by_class=True, labels=labels)
         metrics |= context
@@ -102,10 +102,10 @@ def main() -> None:
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
                                       str(runtime.device))
         metrics["classifier_test_accuracy"] = accuracy
-        write_split_json("metrics/evaluate.json", "reports/evaluate_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["evaluate"], metrics, HEADLINE)
         run.log_metrics(metrics)
-        run.log_artifact("metrics/evaluate.json")
-        run.log_artifact("reports/evaluate_detail.json")
+        run.log_artifact(paths.REPORTS["evaluate"].metrics)
+        run.log_artifact(paths.REPORTS["evaluate"].detail)
         print(f"evaluate: FID {metrics['fid']:.2f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
               f"(floor {metrics['floor_fid']:.2f} / {metrics['floor_precision']:.3f} / {metrics['floor_recall']:.3f}; "
               f"perfect-prior ceiling {metrics['prior_ceiling_fid']:.2f} / {metrics['prior_ceiling_precision']:.3f} / "

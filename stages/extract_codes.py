@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import resource
 import time
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.codes import CodeWriter
 from vqprior.config import load_params
 from vqprior.data.images import file_sha256, iter_image_batches, load_stats
@@ -22,9 +22,8 @@ from vqprior.io import atomic_group, write_split_json
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
 
-PREPARED, OUT = Path("data/prepared"), Path("data/codes")
 SPLITS = ("train", "val", "test")
-HEADLINE = ("seconds", "peak_rss_mb")  # metrics/; counts and shapes go to reports/
+HEADLINE = ("peak_rss_mb",)  # metrics/; counts and shapes go to reports/
 
 
 @speaks
@@ -32,24 +31,24 @@ def main() -> None:
     p = load_params()
     runtime = resolve_runtime(p.compute)
     with tracked_run("extract_codes", p) as run:
-        model, state = load_vqvae("models/vqvae.pt", runtime.device)
+        model, state = load_vqvae(paths.VQVAE, runtime.device)
         h, w, _ = state["image_shape"]
         gh, gw = model.grid_size(h, w)
-        stats = load_stats(PREPARED, needs=("image_shape", "counts", "sha256"))
+        stats = load_stats(paths.PREPARED, needs=("image_shape", "counts", "sha256"))
         if list(stats["image_shape"]) != list(state["image_shape"]):
-            raise InputError("models/vqvae.pt", "train_vqvae", f"was trained on {state['image_shape']} (H, W, C) "
-                             f"images but {PREPARED} holds {stats['image_shape']}")
+            raise InputError(paths.VQVAE, "train_vqvae", f"was trained on {state['image_shape']} (H, W, C) "
+                             f"images but {paths.PREPARED} holds {stats['image_shape']}")
         meta = {
             "grid_height": gh, "grid_width": gw, "codebook_size": model.config.codebook_size, "image_shape": state["image_shape"],
-            "vqvae_sha256": file_sha256("models/vqvae.pt"), "data_sha256": stats["sha256"],
+            "vqvae_sha256": file_sha256(paths.VQVAE), "data_sha256": stats["sha256"],
         }
         t0, total, rows = time.perf_counter(), sum(stats["counts"].values()), 0
         # the three splits appear together or not at all: never codes of two models side by side
         with tqdm(total=total, desc="extract_codes", unit="img", disable=None) as bar, atomic_group():
             for split in SPLITS:
                 tags = ["none", "hflip"] if p.extract_codes.hflip and split == "train" else ["none"]
-                with CodeWriter(OUT / f"{split}.parquet", split, {**meta, "augmentations": tags}) as writer:
-                    for images, labels, index in iter_image_batches(PREPARED / f"{split}.parquet", p.extract_codes.batch_size):
+                with CodeWriter(paths.CODES / f"{split}.parquet", split, {**meta, "augmentations": tags}) as writer:
+                    for images, labels, index in iter_image_batches(paths.PREPARED / f"{split}.parquet", p.extract_codes.batch_size):
                         x = model.normalisation.to_model(images).to(runtime.device)
                         for tag in tags:
                             with torch.no_grad(), runtime.autocast():
@@ -63,7 +62,7 @@ def main() -> None:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
             "grid_height": gh, "grid_width": gw, "codebook_size": meta["codebook_size"],
         }
-        write_split_json("metrics/extract_codes.json", "reports/extract_codes_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["extract_codes"], metrics, HEADLINE)
         run.log_metrics(metrics)
         flips = f" (+{rows - total} flipped train rows)" if rows > total else ""
         print(f"extract_codes: {total} images{flips} in {seconds:.1f}s ({metrics['images_per_second']:.0f} img/s), grid {gh}x{gw}")

@@ -11,6 +11,7 @@ import torch
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import Params, load_params
 from vqprior.data.build import Deduplicator, array_images, pixel_facts, plan, write_splits
 from vqprior.data.clean import CleanReport
@@ -20,7 +21,6 @@ from vqprior.data.sources import ARRAY_SOURCES, DataError, locate
 from vqprior.io import write_json_atomic
 from vqprior.plots import save_grid
 
-OUT = Path("data/prepared")
 MANIFEST = Path("reports/prepare_manifest.parquet")  # one row per entry seen: `pd.read_parquet(MANIFEST).query(...)`
 
 
@@ -52,9 +52,9 @@ def main() -> None:
             origin, jobs, spec, images, classes = from_arrays(p, rng, report, split_args)
             facts = pixel_facts
         print(f"prepare: {len(jobs)} images from {p.data.source} ({origin}) -> {spec.size}x{spec.size}x{spec.channels}")
-        writers = write_splits(jobs, images, spec, OUT, report, dedupe, facts=facts)
+        writers = write_splits(jobs, images, spec, paths.PREPARED, report, dedupe, facts=facts)
         summary = report.as_dict()  # counted from the manifest: every entry seen is kept or dropped for a reason
-        hashes = {s: file_sha256(OUT / f"{s}.parquet") for s in writers}
+        hashes = {s: file_sha256(paths.PREPARED / f"{s}.parquet") for s in writers}
         pixel_stats = writers["train"].channel_stats()
         stats = {
             "source": p.data.source,
@@ -66,26 +66,27 @@ def main() -> None:
             "normalisation": Normalisation.from_train_stats(cfg.normalisation, pixel_stats).as_dict(),
             "sha256": hashes,
         }
-        write_json_atomic(OUT / "stats.json", stats)
-        write_json_atomic("reports/prepare.json", summary)
+        write_json_atomic(paths.PREPARED / "stats.json", stats)
+        write_json_atomic(paths.REPORTS["prepare"].detail, summary)
         report.write_manifest(MANIFEST)
-        save_grid(torch.from_numpy(example_images(OUT / "train.parquet", p.seed)).permute(0, 3, 1, 2),
+        save_grid(torch.from_numpy(example_images(paths.PREPARED / "train.parquet", p.seed)).permute(0, 3, 1, 2),
                   "reports/prepare_examples.png", nrow=8)
 
         metrics = {f"{k}_images": v for k, v in summary["split_sizes"].items()} | {"dropped_total": summary["dropped_total"]}
-        write_json_atomic("metrics/prepare.json", metrics)
+        write_json_atomic(paths.REPORTS["prepare"].metrics, metrics)
         print(f"prepare: splits {summary['split_sizes']}, dropped {summary['dropped_total']} ({summary['dropped']})")
         run.log_metrics(metrics)
         for name in writers:
-            run.log_dataset(OUT / f"{name}.parquet", name=f"{p.data.source}_{name}", context=name, digest=hashes[name])
-        run.log_artifact("reports/prepare.json")
+            run.log_dataset(paths.PREPARED / f"{name}.parquet", name=f"{p.data.source}_{name}", context=name,
+                            digest=hashes[name])
+        run.log_artifact(paths.REPORTS["prepare"].detail)
         run.log_artifact(MANIFEST)
         run.log_artifact("reports/prepare_examples.png")
         run.set_tags({"data.sha256." + k: v[:16] for k, v in hashes.items()})
 
 
 def from_arrays(p: Params, rng, report: CleanReport, split_args: dict):
-    folder = locate(p.data.source, p.data.root, p.data.download, Path("data/raw"))
+    folder = locate(p.data.source, p.data.root, p.data.download, paths.RAW)
     raw = ARRAY_SOURCES[p.data.source].load(folder)  # {"train", "test"}: RawSplit
     h, w, c = raw["train"].images.shape[1:]
     spec = DecodeSpec(size=p.data.image_size or min(h, w), channels=p.data.channels or c)

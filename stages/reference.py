@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, inception_bf16,
                               read_labelled_images, save_features, timed_features)
@@ -16,7 +17,7 @@ from vqprior.metrics import INCEPTION, metrics_from_features, precision_recall_b
 from vqprior.runtime import resolve_runtime
 
 
-HEADLINE = ("floor_fid", "floor_precision", "floor_recall", "seconds")  # metrics/; the rest goes to reports/
+HEADLINE = ("floor_fid", "floor_precision", "floor_recall")  # metrics/; the rest goes to reports/
 
 
 @speaks
@@ -48,7 +49,7 @@ def main() -> None:
             "inception_precision": "bf16" if kw["bf16"] else "fp32", "inception_images": len(test) + len(train),
             "seconds": round(seconds, 1), "images_per_second": round((len(test) + len(train)) / seconds, 1),
         }
-        write_split_json("metrics/reference.json", "reports/reference_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["reference"], metrics, HEADLINE)
         run.log_metrics(metrics)
         print(f"reference: floor (first {len(train)} train vs first {len(test)} test) FID {floor['fid']:.2f}, "
               f"precision {floor['precision']:.3f}, recall {floor['recall']:.3f} ({seconds:.0f}s, "

@@ -5,20 +5,19 @@ and classifier-free guidance; the PNG grid then shows one row per class.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.io import atomic_group, extra_sample_set, extra_sample_sets, save_npy, write_split_json
 from vqprior.plots import save_sample_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import generate, load_generator
 
-OUT = Path("data/samples")
-HEADLINE = ("samples_per_second", "unique_codes_used")  # metrics/; the settings and counts go to reports/
+HEADLINE = ("unique_codes_used",)  # metrics/; the settings and counts go to reports/
 
 
 @speaks
@@ -27,7 +26,7 @@ def main() -> None:
     cfg = p.sample
     runtime = resolve_runtime(p.compute)
     with tracked_run("sample", p) as run:
-        prior, prior_state, vqvae = load_generator("models/prior.pt", "models/vqvae.pt", runtime.device)
+        prior, prior_state, vqvae = load_generator(paths.PRIOR, paths.VQVAE, runtime.device)
 
         def draw(seed: int):
             return generate(prior, vqvae, tuple(prior_state["grid"]), runtime, num_samples=cfg.num_samples,
@@ -37,17 +36,17 @@ def main() -> None:
         out = draw(p.seed)
         classes = prior.num_classes
         # more sets with the next seeds: only for `evaluate`'s spread, so a run's scores come with their sampling noise
-        extra = {extra_sample_set(OUT, seed): draw(seed).images.numpy() for seed in range(p.seed + 1, p.seed + cfg.seeds)}
+        extra = {extra_sample_set(paths.SAMPLES, seed): draw(seed).images.numpy() for seed in range(p.seed + 1, p.seed + cfg.seeds)}
         with atomic_group():  # every set of this run appears at once, or none does: never sets of two runs side by side
-            save_npy(OUT / "images.npy", out.images.numpy())  # N x C x H x W uint8
-            save_npy(OUT / "codes.npy", out.codes.numpy().astype(np.uint16))
+            save_npy(paths.SAMPLES / "images.npy", out.images.numpy())  # N x C x H x W uint8
+            save_npy(paths.SAMPLES / "codes.npy", out.codes.numpy().astype(np.uint16))
             if classes:
-                save_npy(OUT / "labels.npy", out.labels.numpy())  # int64, one per sample
+                save_npy(paths.SAMPLES / "labels.npy", out.labels.numpy())  # int64, one per sample
             for path, images in extra.items():
                 save_npy(path, images)
         if not classes:
-            (OUT / "labels.npy").unlink(missing_ok=True)  # none from an earlier conditional run
-        for stale in set(extra_sample_sets(OUT)) - set(extra):  # sets of an earlier run with more seeds
+            (paths.SAMPLES / "labels.npy").unlink(missing_ok=True)  # none from an earlier conditional run
+        for stale in set(extra_sample_sets(paths.SAMPLES)) - set(extra):  # sets of an earlier run with more seeds
             stale.unlink()
         save_sample_grid(out.images, classes, "reports/samples.png")
         metrics = {
@@ -56,7 +55,7 @@ def main() -> None:
             "num_classes": classes, "guidance": cfg.guidance if classes else None,
             "unique_codes_used": int(np.unique(out.codes.numpy()).size), "seeds": cfg.seeds,
         }
-        write_split_json("metrics/sample.json", "reports/sample_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["sample"], metrics, HEADLINE)
         run.log_metrics(metrics)
         run.log_artifact("reports/samples.png")
         guided = f", {classes} classes, guidance {cfg.guidance}" if classes else ""

@@ -2,8 +2,8 @@
 
 The point `sample` drew and `evaluate` scored is a row of the table too (marked `evaluate`), so the grid need not
 repeat it: the default grid holds only the points that differ from `sample`'s settings.
-Writes metrics/sweep.json (the best point: `best_temperature`, ..., `best_fid`, `best_precision`, `best_recall`),
-reports/sweep_detail.json ({"points": [...], "best": index, "criterion": ...}), plots/sweep.csv and reports/sweep.png
+Writes metrics/sweep.json (the best point's `best_fid`, `best_precision`, `best_recall`), reports/sweep_detail.json
+(its settings `best_temperature`, ..., and {"points": [...], "best": index, "criterion": ...}), plots/sweep.csv and reports/sweep.png
 (precision against recall, FID against temperature). Only the points of the current grid count: folders left by
 points since removed from params.yaml are ignored.
 """
@@ -15,26 +15,27 @@ from pathlib import Path
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import SampleParams, SweepParams, load_params
 from vqprior.figures import plt, save_figure
 from vqprior.io import read_split_json, write_split_json
 from vqprior.plots import write_csv
 
-POINTS = Path("data/sweep")
 # evaluate's point: what `sample` drew and `evaluate` scored, each stage's headline file and the detail beside it
-SAMPLE_REPORT = (Path("metrics/sample.json"), Path("reports/sample_detail.json"))
-EVALUATE_REPORT = (Path("metrics/evaluate.json"), Path("reports/evaluate_detail.json"))
+SAMPLE_REPORT = paths.REPORTS["sample"]
+EVALUATE_REPORT = paths.REPORTS["evaluate"]
 COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "kid", "precision", "recall", "f_score", "num_samples",
            "unique_codes_used", "source")
 SETTINGS = ("temperature", "top_k", "top_p", "guidance")
-BEST_COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "precision", "recall")  # the best point in metrics/
+BEST_COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "precision", "recall")  # the best point's
+HEADLINE = ("best_fid", "best_precision", "best_recall")  # metrics/; the best point's settings go to reports/
 
 
 def grid(cfg: SweepParams) -> list[tuple[float, int, float, float]]:
     return list(itertools.product(cfg.temperature, cfg.top_k, cfg.top_p, cfg.guidance))
 
 
-def read_points(cfg: SweepParams, folder: Path = POINTS) -> list[dict]:
+def read_points(cfg: SweepParams, folder: Path = paths.SWEEP_POINTS) -> list[dict]:
     """The scores of every grid point, in grid order; a missing point is an error naming the stage to run."""
     found = {}
     for path in sorted(folder.glob("*/scores.json")):
@@ -54,7 +55,7 @@ def evaluated_point(settings: SampleParams, sample=SAMPLE_REPORT, evaluate=EVALU
             | {"unique_codes_used": drawn.get("unique_codes_used"), "source": "evaluate"})
 
 
-def all_points(cfg: SweepParams, settings: SampleParams, folder: Path = POINTS, sample=SAMPLE_REPORT,
+def all_points(cfg: SweepParams, settings: SampleParams, folder: Path = paths.SWEEP_POINTS, sample=SAMPLE_REPORT,
                evaluate=EVALUATE_REPORT) -> list[dict]:
     """The grid's points, and `evaluate`'s point first unless the grid holds the same settings."""
     points = read_points(cfg, folder)
@@ -96,11 +97,11 @@ def main() -> None:
         best = min(range(len(points)), key=lambda i: points[i]["fid"])
         best_point = {f"best_{k}": points[best][k] for k in BEST_COLUMNS}
         summary = best_point | {"points": points, "best": best, "criterion": "lowest fid"}
-        write_split_json("metrics/sweep.json", "reports/sweep_detail.json", summary, best_point)
+        write_split_json(*paths.REPORTS["sweep"], summary, HEADLINE)
         write_csv("plots/sweep.csv", points)
         plot(points, best, "reports/sweep.png")
         run.log_metrics({f"best_{k}": v for k, v in points[best].items() if v is not None})
-        for path in ("metrics/sweep.json", "reports/sweep_detail.json", "plots/sweep.csv", "reports/sweep.png"):
+        for path in (*paths.REPORTS["sweep"], "plots/sweep.csv", "reports/sweep.png"):
             run.log_artifact(path)
         print(f"sweep: {len(points)} points; best by FID: {describe(points[best])}")
         for pt in points:

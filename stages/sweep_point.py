@@ -14,6 +14,7 @@ import numpy as np
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.features import score_samples
 from vqprior.io import save_npy, write_json_atomic
@@ -46,7 +47,7 @@ def main(argv=None) -> None:
     with tracked_run("sweep_point", p) as run:
         run.set_tags({f"sweep.{k}": v for k, v in point.items()})
         run.log_metrics(point)
-        prior, prior_state, vqvae = load_generator("models/prior.pt", "models/vqvae.pt", runtime.device)
+        prior, prior_state, vqvae = load_generator(paths.PRIOR, paths.VQVAE, runtime.device)
         out = generate(prior, vqvae, tuple(prior_state["grid"]), runtime, num_samples=cfg.num_samples,
                        batch_size=cfg.batch_size, seed=p.seed, **point)
         save_npy(args.out / "images.npy", out.images.numpy())

@@ -1,13 +1,13 @@
 """train_classifier: a small CNN on the prepared labels; its feature layer is a second space for FID / precision / recall."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.data.images import load_stats, read_images
 from vqprior.errors import DataError
@@ -17,16 +17,14 @@ from vqprior.models.classifier import Classifier, scale_images
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
 
-PREPARED = Path("data/prepared")
-CHECKPOINT = Path("checkpoints/train_classifier.pt")
-HEADLINE = ("test_accuracy", "train_seconds")  # metrics/; the rest goes to reports/
+HEADLINE = ("test_accuracy",)  # metrics/; the rest goes to reports/
 
 
 def load_split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 N x C x H x W (4x smaller than floats; scaled per batch) and int64 labels; unlabelled data stops here."""
-    split = read_images(PREPARED / f"{name}.parquet")
+    split = read_images(paths.PREPARED / f"{name}.parquet")
     if (missing := int((split.labels < 0).sum())):
-        raise DataError(f"{missing} of {len(split)} images in {PREPARED / name}.parquet have no label; "
+        raise DataError(f"{missing} of {len(split)} images in {paths.PREPARED / name}.parquet have no label; "
                          "train_classifier needs a labelled data set")
     images = torch.from_numpy(np.require(split.images, requirements="W")).permute(0, 3, 1, 2).contiguous()
     return images, torch.from_numpy(split.labels)
@@ -66,10 +64,10 @@ def main() -> None:
 
         result = fit(
             model, len(x_train), step, lambda: evaluate(model, x_val, y_val, runtime), cfg.train, runtime,
-            seed=p.seed, checkpoint=CHECKPOINT, monitor="loss", on_epoch=run.log_epoch, desc="train_classifier",
-            fingerprint=fingerprint(p.seed, p.compute, cfg, load_stats(PREPARED)["sha256"]),
+            seed=p.seed, checkpoint=paths.checkpoint("train_classifier"), monitor="loss", on_epoch=run.log_epoch, desc="train_classifier",
+            fingerprint=fingerprint(p.seed, p.compute, cfg, load_stats(paths.PREPARED)["sha256"]),
         )
-        save_model("models/classifier.pt", model, in_channels=c, num_classes=num_classes, image_shape=[h, w, c])
+        save_model(paths.CLASSIFIER, model, in_channels=c, num_classes=num_classes, image_shape=[h, w, c])
         test = evaluate(model, x_test, y_test, runtime)
         metrics = {
             "test_accuracy": test["acc"], "test_loss": test["loss"],
@@ -78,9 +76,9 @@ def main() -> None:
             "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_split_json("metrics/train_classifier.json", "reports/train_classifier_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["train_classifier"], metrics, HEADLINE)
         run.log_metrics(metrics)
-        CHECKPOINT.unlink(missing_ok=True)
+        paths.checkpoint("train_classifier").unlink(missing_ok=True)
         print(f"train_classifier: test accuracy {test['acc']:.4f} (val {metrics['val_accuracy']:.4f}), "
               f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f}s")
 

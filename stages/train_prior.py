@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.codes import read_codes
 from vqprior.config import load_params
 from vqprior.errors import ParamsError
@@ -18,9 +18,7 @@ from vqprior.plots import write_history_csv
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
 
-CODES = Path("data/codes")
-CHECKPOINT = Path("checkpoints/train_prior.pt")
-HEADLINE = ("val_nll", "val_top5", "train_seconds")  # metrics/; the rest goes to reports/
+HEADLINE = ("val_nll",)  # metrics/; the rest goes to reports/
 
 
 @torch.no_grad()
@@ -44,7 +42,7 @@ def main() -> None:
     seed_everything(p.seed)
     with tracked_run("train_prior", p) as run:
         # train on the flipped rows too when extract_codes stored them; validate on original images only
-        train, val = read_codes(CODES / "train.parquet"), read_codes(CODES / "val.parquet", augmentations=False)
+        train, val = read_codes(paths.CODES / "train.parquet"), read_codes(paths.CODES / "val.parquet", augmentations=False)
         length = train.grid[0] * train.grid[1]
         x_train = torch.from_numpy(train.codes.reshape(len(train.codes), -1).astype("int64"))
         x_val = torch.from_numpy(val.codes.reshape(len(val.codes), -1).astype("int64"))
@@ -76,10 +74,10 @@ def main() -> None:
 
         result = fit(
             prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, y_val, 512, runtime.device), cfg.train, runtime,
-            seed=p.seed, checkpoint=CHECKPOINT, monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
+            seed=p.seed, checkpoint=paths.checkpoint("train_prior"), monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
             fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta),
         )
-        save_model("models/prior.pt", prior, vocab=train.codebook_size, length=length, grid=list(train.grid),
+        save_model(paths.PRIOR, prior, vocab=train.codebook_size, length=length, grid=list(train.grid),
                    augmentations=len(kinds), vqvae_sha256=train.meta["vqvae_sha256"])
         best = result.best
         # bits per image dimension: the whole grid's NLL spread over the image's pixel values
@@ -92,11 +90,11 @@ def main() -> None:
             "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),
             "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_split_json("metrics/train_prior.json", "reports/train_prior_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["train_prior"], metrics, HEADLINE)
         write_history_csv("plots/train_prior.csv", result.history)
         run.log_metrics(metrics)
         run.log_artifact("plots/train_prior.csv")
-        CHECKPOINT.unlink(missing_ok=True)
+        paths.checkpoint("train_prior").unlink(missing_ok=True)
         print(f"train_prior: val NLL {metrics['val_nll']:.3f} nats/token, top-1 {metrics['val_top1']:.3f}, "
               f"top-5 {metrics['val_top5']:.3f}")
 

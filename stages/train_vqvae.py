@@ -9,6 +9,7 @@ import torch
 
 from stages._cli import speaks
 from stages._tracking import tracked_run
+from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.errors import ParamsError, TrainingError
 from vqprior.data.images import Normalisation, load_stats, read_images
@@ -20,9 +21,7 @@ from vqprior.plots import save_grid, write_history_csv
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
 
-PREPARED = Path("data/prepared")
-CHECKPOINT = Path("checkpoints/train_vqvae.pt")  # resume state; removed once the stage finishes
-HEADLINE = ("test_mse", "test_psnr", "perplexity", "train_seconds")  # metrics/; the rest goes to reports/
+HEADLINE = ("test_mse", "perplexity")  # metrics/; the rest goes to reports/
 # per-epoch grids are drawn beside the checkpoint and moved to EPOCH_GRIDS at the end: DVC deletes a stage's outputs
 # before it re-runs, so a resumed run would otherwise lose the grids of the epochs before the crash
 EPOCH_GRIDS_DRAFT, EPOCH_GRIDS = Path("checkpoints/train_vqvae_epochs"), Path("reports/vqvae_epochs")
@@ -66,9 +65,9 @@ def main() -> None:
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)
     with tracked_run("train_vqvae", p) as run:
-        stats = load_stats(PREPARED, needs=("normalisation", "sha256"))
+        stats = load_stats(paths.PREPARED, needs=("normalisation", "sha256"))
         norm = Normalisation.from_dict(stats["normalisation"])
-        train, val, test = (read_images(PREPARED / f"{s}.parquet") for s in ("train", "val", "test"))
+        train, val, test = (read_images(paths.PREPARED / f"{s}.parquet") for s in ("train", "val", "test"))
         x_train, x_val, x_test = (norm.to_model(s.images) for s in (train, val, test))
         h, w, c = train.shape
         if h % 2 ** cfg.model.downsamples or w % 2 ** cfg.model.downsamples:
@@ -100,23 +99,23 @@ def main() -> None:
 
         result = fit(
             model, len(x_train), step, lambda: evaluate_vqvae(model, x_val, 1024, runtime), cfg.train, runtime,
-            seed=p.seed, checkpoint=CHECKPOINT, monitor="mse", on_epoch=on_epoch, desc="train_vqvae",
+            seed=p.seed, checkpoint=paths.checkpoint("train_vqvae"), monitor="mse", on_epoch=on_epoch, desc="train_vqvae",
             fingerprint=fingerprint(p.seed, p.compute, cfg, stats["sha256"]),
         )
         test_metrics = evaluate_vqvae(model, x_test, 1024, runtime)
         # the floor a decoder that ignores its codes reaches: the mean training image for every test image
         mean_image_mse = float(((norm.to_unit(x_test) - norm.to_unit(x_train).mean(0, keepdim=True)) ** 2).mean())
         collapsed = collapse_reasons(test_metrics["codebook_usage"], test_metrics["perplexity"], test_metrics["mse"],
-                                     mean_image_mse, cfg.health)
+                                     mean_image_mse, [e["train_mse"] for e in result.history], cfg.health)
         if collapsed and cfg.health.stop:  # the resume state would only be trained again to the same collapse
-            CHECKPOINT.unlink(missing_ok=True)
+            paths.checkpoint("train_vqvae").unlink(missing_ok=True)
             shutil.rmtree(EPOCH_GRIDS_DRAFT, ignore_errors=True)
             raise TrainingError(f"train_vqvae: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr "
                                 "or raise train_vqvae.model.usage_entropy (train_vqvae.health.stop is on: no model written)")
         if collapsed:
             print(f"train_vqvae: warning: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr or "
                   "raise train_vqvae.model.usage_entropy", flush=True)
-        save_model("models/vqvae.pt", model, in_channels=c, image_shape=[h, w, c], normalisation=norm.as_dict())
+        save_model(paths.VQVAE, model, in_channels=c, image_shape=[h, w, c], normalisation=norm.as_dict())
         metrics = {
             "test_mse": test_metrics["mse"], "test_psnr": test_metrics["psnr"],
             "codebook_usage": test_metrics["codebook_usage"], "perplexity": test_metrics["perplexity"],
@@ -125,7 +124,7 @@ def main() -> None:
             "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_split_json("metrics/train_vqvae.json", "reports/train_vqvae_detail.json", metrics, HEADLINE)
+        write_split_json(*paths.REPORTS["train_vqvae"], metrics, HEADLINE)
         write_history_csv("plots/train_vqvae.csv", result.history)
         reconstruction_grid(model, x_val, "reports/vqvae_reconstructions.png", runtime)  # the best epoch's
         shutil.rmtree(EPOCH_GRIDS, ignore_errors=True)
@@ -135,7 +134,7 @@ def main() -> None:
         run.log_artifact("reports/vqvae_reconstructions.png")
         run.log_metrics(metrics)
         run.log_artifact("plots/train_vqvae.csv")
-        CHECKPOINT.unlink(missing_ok=True)
+        paths.checkpoint("train_vqvae").unlink(missing_ok=True)
         print(f"train_vqvae: test MSE {metrics['test_mse']:.5f} (PSNR {metrics['test_psnr']:.2f} dB), "
               f"usage {metrics['codebook_usage']:.3f}, perplexity {metrics['perplexity']:.1f}")
 

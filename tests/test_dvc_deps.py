@@ -10,7 +10,9 @@ import yaml
 from conftest import ROOT
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-NOT_DEPS = {"stages/_tracking.py", "stages/_cli.py"}
+# tracking and the one-line error wrapper cannot change an output; the paths module names files dvc.yaml's deps and
+# outs name too, so a changed path changes the stage's definition there (test_paths_module_names_dvc_yaml_outputs)
+NOT_DEPS = {"stages/_tracking.py", "stages/_cli.py", "stages/_paths.py"}
 
 
 def module_file(module: str) -> Path | None:
@@ -82,3 +84,21 @@ def test_code_deps_are_exactly_the_imported_files(stage):
         listed |= {str(f.relative_to(ROOT)) for f in folder.rglob("*.py")} if folder.is_dir() else {d}
     unused = sorted(f for f in listed - code if not (f.endswith("__init__.py") and only_constants(ROOT / f)))
     assert not unused, f"dvc.yaml stage {stage} lists deps it does not import: {unused}"
+
+
+def _entries(stage: dict, field: str) -> set[str]:
+    return {next(iter(e)) if isinstance(e, dict) else e for e in stage.get(field, [])}
+
+
+def test_paths_module_names_dvc_yaml_outputs():
+    """Each path of stages/_paths.py is an output of the stage dvc.yaml says writes it: the two cannot drift apart."""
+    from stages import _paths as paths
+
+    for stage, report in paths.REPORTS.items():
+        assert str(report.metrics) in _entries(STAGES[stage], "metrics"), (stage, report.metrics)
+        assert str(report.detail) in _entries(STAGES[stage], "outs"), (stage, report.detail)
+    writers = {paths.PREPARED: "prepare", paths.CODES: "extract_codes", paths.SAMPLES: "sample",
+               paths.VQVAE: "train_vqvae", paths.PRIOR: "train_prior", paths.CLASSIFIER: "train_classifier"}
+    for path, stage in writers.items():
+        assert str(path) in _entries(STAGES[stage], "outs"), (stage, path)
+    assert any(str(paths.SWEEP_POINTS) in o for s in STAGES.values() for o in _entries(s, "outs"))

@@ -458,6 +458,45 @@ def test_unreachable_server_as_a_process_one_line_in_seconds(project):
     assert result.stderr.splitlines() == [TRACKING["unreachable server"]]
 
 
+
+def test_optional_tracking_lets_the_stage_finish_untracked(project, monkeypatch, capsys):
+    """tracking.required: false: an unreachable server costs one warning, not the stage's outputs."""
+    params = tiny_params()
+    params["tracking"]["required"] = False
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.rmtree(project / "data/samples")
+    (project / "reports/samples.png").unlink()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert run_main("sample", project, monkeypatch) is None
+    warned = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert warned == ["sample: warning: tracking skipped from here on (" + TRACKING["unreachable server"].removeprefix(
+        "error: ") + "; tracking.required is false)"]
+    assert (project / "reports/samples.png").stat().st_size > 0 and any((project / "data/samples").iterdir())
+
+
+@pytest.mark.parametrize("required", [True, False])
+def test_store_failing_mid_stage_stops_or_warns_once(required, monkeypatch, capsys):
+    """A store that goes away after the run started: a TrackingError where tracking is required, else one warning and
+    every later call does nothing."""
+    import mlflow
+
+    from stages._tracking import StageRun, TrackingError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    run = StageRun(mlflow, "sample", required)
+    if required:
+        with pytest.raises(TrackingError, match=r"^tracking store http://127.0.0.1:9 failed \("):
+            run.log_metrics({"fid": 1.0})
+        return
+    run.log_metrics({"fid": 1.0})
+    assert not run.tracking
+    run.log_epoch(1, {"loss": 1.0})  # untracked now: silent, at once
+    warned = capsys.readouterr().out.splitlines()
+    assert len(warned) == 1 and warned[0].startswith("sample: warning: tracking skipped from here on (tracking store "
+                                                     "http://127.0.0.1:9 failed (")
+
+
 # --- the machine: a full disk (here a file-size limit, which fails writes the same way) ------------------------------
 
 def test_full_disk_names_the_file_and_keeps_the_old_output(project):

@@ -6,7 +6,8 @@ import torch
 
 from small_params import SMALL_VQ, cpu
 from vqprior.models.quantizer import codebook_stats
-from vqprior.models.vqvae import VQVAE, ResBlock
+from vqprior.config import HealthParams
+from vqprior.models.vqvae import VQVAE, ResBlock, collapse_reasons
 
 
 def test_vqvae_evaluation_counts_codes_over_the_whole_set_not_a_batch():
@@ -61,3 +62,18 @@ def test_l1_reconstruction_loss_is_selectable():
     recon = model(x)[0]
     assert stats["recon_loss"].item() == pytest.approx((recon - x).abs().mean().item(), rel=1e-5)
     assert stats["mse"].item() == pytest.approx(((recon - x) ** 2).mean().item() / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("train_mse, stalled", [
+    ([0.010, 0.004, 0.002], False),
+    ([0.010, 0.0101, 0.0099], True),   # fell 1 %: not more than min_loss_drop
+    ([0.010, 0.002, 0.011], True),     # fell, then rose back above the start
+    ([0.010], False),                  # one epoch: nothing to compare
+])
+def test_a_training_mse_that_stops_falling_counts_as_collapse(train_mse, stalled):
+    health = HealthParams(min_codebook_usage=0.05, min_perplexity=2.0, min_loss_drop=0.01, stop=False)
+    reasons = collapse_reasons(0.9, 100.0, 0.001, 0.05, train_mse, health)
+    assert [r.startswith("training MSE stopped falling") for r in reasons] == ([True] if stalled else [])
+    healthy = collapse_reasons(0.9, 100.0, 0.001, 0.05, [0.01, 0.001], health)
+    assert healthy == [] and collapse_reasons(0.01, 1.5, 0.06, 0.05, [0.01, 0.001], health)[2].startswith(
+        "reconstruction MSE 0.06000 is no better")

@@ -100,6 +100,7 @@ class HealthParams(Section):
 
     min_codebook_usage: float = Field(ge=0, le=1)
     min_perplexity: float = Field(ge=0)
+    min_loss_drop: float = Field(ge=0, lt=1)
     stop: bool
 
 
@@ -184,6 +185,7 @@ class EvaluateParams(Section):
 
 class TrackingParams(Section):
     experiment: str
+    required: bool
 
 
 class Params(Section):
