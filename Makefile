@@ -19,7 +19,7 @@ run: install data ## the whole DAG with params.yaml, then where its time went
 	$(BIN)/python -m stages.times
 
 test: install data ## the test suite (unit tests + an end-to-end smoke run of the DAG)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 flow: install data ## the same DAG as a Prefect flow (offline, temporary local server)
 	$(BIN)/python -m flows.pipeline
