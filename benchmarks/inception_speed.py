@@ -17,7 +17,8 @@ import torch
 
 from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_idx_dataset
 from vqprior.features import read_uint8_images
-from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
+from vqprior.extractors import INCEPTION
+from vqprior.metrics import extract_features, metrics_from_features
 PATHS = {  # name: extractor kwargs
     "plain fp32 (torch-fidelity: contiguous, fp32)": dict(inception_channels_last=False, inception_bf16=False),
     "channels-last fp32": dict(inception_channels_last=True, inception_bf16=False),

@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import autocast, timed, train_step  # noqa: E402  (same step and timer as the training benchmark)
 
 from vqprior.config import load_params  # noqa: E402
-from vqprior.metrics import INCEPTION, extract_features  # noqa: E402
+from vqprior.extractors import INCEPTION  # noqa: E402
+from vqprior.metrics import extract_features  # noqa: E402
 from vqprior.models.classifier import Classifier  # noqa: E402
 from vqprior.models.prior import Prior  # noqa: E402
 from vqprior.models.vqvae import VQVAE  # noqa: E402

@@ -27,11 +27,10 @@ from vqprior.config import load_params
 from vqprior.data.images import read_images
 from vqprior.errors import InputError
 from vqprior.figures import plt, save_figure
-from vqprior.io import write_split_json
+from vqprior.io import write_report
 from vqprior.models.prior import load_prior
 from vqprior.runtime import resolve_runtime
 
-HEADLINE = ("val_nll", "gap", "flat_nll_share")  # metrics/; by position and by class go to reports/
 FLAT_RANGE = 4  # uint8 levels: a patch whose max - min is at most this shows nothing but its background
 BATCH = 512
 
@@ -122,7 +121,7 @@ def main() -> None:
                             flat_patches(images, val.grid), val.labels, train.labels[:n], val.grid)
         metrics["seconds"] = round(time.perf_counter() - t0, 1)
         save_nll_map(metrics, images.mean(0), "reports/prior_nll_map.png")
-        write_split_json(*paths.REPORTS["analyse_prior"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["analyse_prior"], metrics)
         run.log_metrics(metrics)
         run.log_artifact("reports/prior_nll_map.png")
         flat = ("" if metrics["val_nll_flat"] is None else

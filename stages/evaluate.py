@@ -22,23 +22,22 @@ from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.errors import InputError, require
-from vqprior.features import TEST_IMAGES, read_uint8_images, score_samples
-from vqprior.io import extra_sample_sets, write_split_json
-from vqprior.metrics import INCEPTION, extract_features, metrics_from_features
+from vqprior.features import read_uint8_images, score_samples
+from vqprior.io import extra_sample_sets, write_report
+from vqprior.extractors import INCEPTION
+from vqprior.metrics import extract_features, metrics_from_features
 from vqprior.models.classifier import CLASSIFIER
 from vqprior.runtime import resolve_runtime
 
-# what metrics/evaluate.json holds (with the floor and ceilings beside it); the rest goes to reports/evaluate_detail.json
-# metrics/: what a user compares across runs; the other stages' numbers it quotes, means, by class go to reports/
-HEADLINE = ("fid", "precision", "recall", "fid_std", "classifier_fid")
+# metrics/evaluate.json: what a user compares across runs; all, with the floor and ceilings it quotes, in reports/
+REFERENCE = {"reference_features": paths.TEST_FEATURES, "reference_images": paths.TEST_IMAGES}  # samples vs these
+HEADLINE = {k: k for k in ("fid", "precision", "recall", "fid_std", "classifier_fid")}
 
 
 def read_metrics(stage: str, keys) -> dict:
-    """`keys` of `stage`'s report (the headline file, and the detail beside it where there is one), each required."""
-    path, detail = paths.REPORTS[stage]
+    """`keys` of `stage`'s report, each required."""
+    path = paths.REPORTS[stage].detail
     metrics = json.loads(require(path, stage).read_text())
-    if detail.exists():
-        metrics |= json.loads(detail.read_text())
     if missing := [k for k in keys if k not in metrics]:
         raise InputError(path, stage, f"lacks {', '.join(missing)} (written by older code?)")
     return {k: metrics[k] for k in keys}
@@ -53,7 +52,7 @@ def read_samples(path: str | Path, stage: str) -> torch.Tensor:
 
 def classifier_metrics(generated: torch.Tensor, num_reference: int, prc_neighborhood: int, device: str) -> dict:
     """FID / precision / recall in the classifier's feature space: the samples vs the same first test images."""
-    reference = read_uint8_images(TEST_IMAGES, limit=num_reference)
+    reference = read_uint8_images(paths.TEST_IMAGES, limit=num_reference)
     feats = [extract_features(x, extractor=CLASSIFIER, batch_size=500, device=device,
                               feature_extractor_weights_path=paths.CLASSIFIER) for x in (generated, reference)]
     m = metrics_from_features(*feats, prc_neighborhood=prc_neighborhood)
@@ -64,7 +63,7 @@ def seed_spread(headline: dict, extra_sets: list[torch.Tensor], cfg, device: str
     """Mean and standard deviation of FID, precision and recall over the headline set and the extra sets `sample` drew
     with the next seeds (`sample.seeds`): a difference between two runs smaller than this is sampling noise. (Not KID:
     its `kid_std` is torch-fidelity's spread over subsets of one set.)"""
-    sets = [headline] + [score_samples(images, cfg, device) for images in extra_sets]
+    sets = [headline] + [score_samples(images, cfg, device, **REFERENCE) for images in extra_sets]
     keys = ("fid", "precision", "recall")
     spread = {"sample_sets": len(sets)}
     for key in keys:
@@ -84,7 +83,7 @@ def main() -> None:
         generated, *extra_sets = sets.values()
         labels_file = paths.SAMPLES / "labels.npy"  # a conditional prior's sample classes
         labels = torch.from_numpy(np.load(labels_file)) if labels_file.exists() else None
-        real_shape = tuple(read_uint8_images(TEST_IMAGES, limit=1).shape[1:])
+        real_shape = tuple(read_uint8_images(paths.TEST_IMAGES, limit=1).shape[1:])
         for path, images in sets.items():
             if tuple(images.shape[1:]) != real_shape:
                 raise InputError(path, "sample", f"holds images of {tuple(images.shape[1:])} (C, H, W) but the test "
@@ -95,14 +94,14 @@ def main() -> None:
         context |= read_metrics("reconstruction_fid", ["rfid"] + [f"prior_ceiling_{k}" for k in scored])
         accuracy = read_metrics("train_classifier", ["test_accuracy"])["test_accuracy"]
         print(f"evaluate: {len(generated)} samples vs the cached test features, {INCEPTION}")
-        metrics = score_samples(generated, p.evaluate, str(runtime.device), by_class=True, labels=labels)
+        metrics = score_samples(generated, p.evaluate, str(runtime.device), **REFERENCE, by_class=True, labels=labels)
         metrics |= context
         metrics |= seed_spread(metrics, extra_sets, p.evaluate, str(runtime.device))
         metrics["inception_images"] = sum(len(images) for images in sets.values())
         metrics |= classifier_metrics(generated, p.evaluate.num_reference, p.evaluate.prc_neighborhood,
                                       str(runtime.device))
         metrics["classifier_test_accuracy"] = accuracy
-        write_split_json(*paths.REPORTS["evaluate"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["evaluate"], metrics, HEADLINE)
         run.log_metrics(metrics)
         run.log_artifact(paths.REPORTS["evaluate"].metrics)
         run.log_artifact(paths.REPORTS["evaluate"].detail)

@@ -16,14 +16,13 @@ from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.codes import CodeWriter
 from vqprior.config import load_params
-from vqprior.data.images import file_sha256, iter_image_batches, load_stats
+from vqprior.data.images import iter_image_batches, load_stats
 from vqprior.errors import InputError
-from vqprior.io import atomic_group, write_split_json
+from vqprior.io import atomic_group, file_hash, write_report
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
 
 SPLITS = ("train", "val", "test")
-HEADLINE = ("peak_rss_mb",)  # metrics/; counts and shapes go to reports/
 
 
 @speaks
@@ -40,7 +39,7 @@ def main() -> None:
                              f"images but {paths.PREPARED} holds {stats['image_shape']}")
         meta = {
             "grid_height": gh, "grid_width": gw, "codebook_size": model.config.codebook_size, "image_shape": state["image_shape"],
-            "vqvae_sha256": file_sha256(paths.VQVAE), "data_sha256": stats["sha256"],
+            "vqvae_sha256": file_hash(paths.VQVAE), "data_sha256": stats["sha256"],
         }
         t0, total, rows = time.perf_counter(), sum(stats["counts"].values()), 0
         # the three splits appear together or not at all: never codes of two models side by side
@@ -62,7 +61,7 @@ def main() -> None:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),  # Linux: KiB
             "grid_height": gh, "grid_width": gw, "codebook_size": meta["codebook_size"],
         }
-        write_split_json(*paths.REPORTS["extract_codes"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["extract_codes"], metrics)
         run.log_metrics(metrics)
         flips = f" (+{rows - total} flipped train rows)" if rows > total else ""
         print(f"extract_codes: {total} images{flips} in {seconds:.1f}s ({metrics['images_per_second']:.0f} img/s), grid {gh}x{gw}")

@@ -16,10 +16,10 @@ from vqprior.config import Params, load_params
 from vqprior.data.build import Deduplicator, array_images, pixel_facts, plan, write_splits
 from vqprior.data.clean import CleanReport
 from vqprior.data.folder import DecodeSpec, decode_files, entry_facts, scan_folder
-from vqprior.data.images import Normalisation, file_sha256, iter_image_batches, open_parquet
+from vqprior.data.images import Normalisation, iter_image_batches, open_parquet
 from vqprior.data.sources import ARRAY_SOURCES, DataError, locate
-from vqprior.io import write_json_atomic
-from vqprior.plots import save_grid
+from vqprior.io import file_hash, write_json_atomic
+from vqprior.grids import save_grid
 
 MANIFEST = Path("reports/prepare_manifest.parquet")  # one row per entry seen: `pd.read_parquet(MANIFEST).query(...)`
 
@@ -54,7 +54,7 @@ def main() -> None:
         print(f"prepare: {len(jobs)} images from {p.data.source} ({origin}) -> {spec.size}x{spec.size}x{spec.channels}")
         writers = write_splits(jobs, images, spec, paths.PREPARED, report, dedupe, facts=facts)
         summary = report.as_dict()  # counted from the manifest: every entry seen is kept or dropped for a reason
-        hashes = {s: file_sha256(paths.PREPARED / f"{s}.parquet") for s in writers}
+        hashes = {s: file_hash(paths.PREPARED / f"{s}.parquet") for s in writers}
         pixel_stats = writers["train"].channel_stats()
         stats = {
             "source": p.data.source,
@@ -73,7 +73,6 @@ def main() -> None:
                   "reports/prepare_examples.png", nrow=8)
 
         metrics = {f"{k}_images": v for k, v in summary["split_sizes"].items()} | {"dropped_total": summary["dropped_total"]}
-        write_json_atomic(paths.REPORTS["prepare"].metrics, metrics)
         print(f"prepare: splits {summary['split_sizes']}, dropped {summary['dropped_total']} ({summary['dropped']})")
         run.log_metrics(metrics)
         for name in writers:

@@ -20,12 +20,12 @@ from stages._cli import speaks
 from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.config import load_params
-from vqprior.features import TEST_IMAGES, TRAIN_IMAGES, inception_bf16, load_features, read_labelled_images, score
-from vqprior.io import write_split_json
+from vqprior.features import inception_bf16, load_features, read_labelled_images, score
+from vqprior.io import write_report
 from vqprior.models.vqvae import load_vqvae
 from vqprior.runtime import resolve_runtime
 
-HEADLINE = ("rfid", "prior_ceiling_fid")  # metrics/
+HEADLINE = {"rfid": "rfid", "ceiling_fid": "prior_ceiling_fid"}  # metrics/ column -> key; all in reports/
 BATCH = 500  # VQ-VAE reconstruction batch (the VQ-VAE is cheap; Inception uses evaluate.batch_size)
 
 
@@ -46,10 +46,10 @@ def main() -> None:
     cfg = p.evaluate
     runtime = resolve_runtime(p.compute)
     with tracked_run("reconstruction_fid", p) as run:
-        reference = load_features()  # before the model: a missing reference stage fails first
+        reference = load_features(paths.TEST_FEATURES)  # before the model: a missing reference stage fails first
         model, _ = load_vqvae(paths.VQVAE, runtime.device)
-        test, test_labels = read_labelled_images(TEST_IMAGES, limit=len(reference))
-        train, train_labels = read_labelled_images(TRAIN_IMAGES, limit=len(reference))
+        test, test_labels = read_labelled_images(paths.TEST_IMAGES, limit=len(reference))
+        train, train_labels = read_labelled_images(paths.TRAIN_IMAGES, limit=len(reference))
         print(f"reconstruction_fid: VQ-VAE reconstructions of {len(test)} test images (rFID) and of {len(train)} "
               "train images (the perfect-prior ceiling) vs the cached test features")
         kw = dict(batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood, device=str(runtime.device),
@@ -65,7 +65,7 @@ def main() -> None:
                    "prior_ceiling_precision_by_class": c["precision_by_class"], "num_train": len(train),
                    "seconds": round(seconds, 1), "images_per_second": r["images_per_second"],  # Inception's speed
                    "inception_precision": "bf16" if kw["bf16"] else "fp32", "inception_images": len(test) + len(train)}
-        write_split_json(*paths.REPORTS["reconstruction_fid"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["reconstruction_fid"], metrics, HEADLINE)
         run.log_metrics(metrics)
         print(f"reconstruction_fid: rFID {r['fid']:.2f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}; "
               f"perfect-prior ceiling FID {c['fid']:.2f}, precision {c['precision']:.3f}, recall {c['recall']:.3f} "

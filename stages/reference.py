@@ -10,14 +10,15 @@ from stages._cli import speaks
 from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.config import load_params
-from vqprior.features import (TEST_FEATURES, TEST_IMAGES, TRAIN_FEATURES, TRAIN_IMAGES, inception_bf16,
-                              read_labelled_images, save_features, timed_features)
-from vqprior.io import write_split_json
-from vqprior.metrics import INCEPTION, metrics_from_features, precision_recall_by_class
+from vqprior.extractors import INCEPTION
+from vqprior.features import inception_bf16, read_labelled_images, save_features, timed_features
+from vqprior.io import write_report
+from vqprior.metrics import metrics_from_features, precision_recall_by_class
 from vqprior.runtime import resolve_runtime
 
 
-HEADLINE = ("floor_fid", "floor_precision", "floor_recall")  # metrics/; the rest goes to reports/
+# metrics/reference.json: the floor under the names evaluate uses; everything in reports/reference_detail.json
+HEADLINE = {"fid": "floor_fid", "precision": "floor_precision", "recall": "floor_recall"}
 
 
 @speaks
@@ -26,8 +27,8 @@ def main() -> None:
     cfg = p.evaluate
     runtime = resolve_runtime(p.compute)
     with tracked_run("reference", p) as run:
-        test, test_labels = read_labelled_images(TEST_IMAGES, limit=cfg.num_reference)
-        train, train_labels = read_labelled_images(TRAIN_IMAGES, limit=cfg.num_reference)
+        test, test_labels = read_labelled_images(paths.TEST_IMAGES, limit=cfg.num_reference)
+        train, train_labels = read_labelled_images(paths.TRAIN_IMAGES, limit=cfg.num_reference)
         if min(len(test), len(train)) < cfg.num_reference:
             print(f"reference: only {len(test)} test / {len(train)} train images, fewer than "
                   f"evaluate.num_reference={cfg.num_reference}")
@@ -35,8 +36,8 @@ def main() -> None:
         kw = dict(batch_size=cfg.batch_size, device=str(runtime.device), bf16=inception_bf16(cfg, runtime.device))
         f_test, s_test = timed_features(test, **kw)
         f_train, s_train = timed_features(train, **kw)
-        save_features(TEST_FEATURES, f_test)
-        save_features(TRAIN_FEATURES, f_train)
+        save_features(paths.TEST_FEATURES, f_test)
+        save_features(paths.TRAIN_FEATURES, f_train)
         floor = metrics_from_features(f_train, f_test, prc_neighborhood=cfg.prc_neighborhood, kid=True)
         floor |= precision_recall_by_class(f_train, f_test, train_labels, test_labels,
                                            prc_neighborhood=cfg.prc_neighborhood)
@@ -49,7 +50,7 @@ def main() -> None:
             "inception_precision": "bf16" if kw["bf16"] else "fp32", "inception_images": len(test) + len(train),
             "seconds": round(seconds, 1), "images_per_second": round((len(test) + len(train)) / seconds, 1),
         }
-        write_split_json(*paths.REPORTS["reference"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["reference"], metrics, HEADLINE)
         run.log_metrics(metrics)
         print(f"reference: floor (first {len(train)} train vs first {len(test)} test) FID {floor['fid']:.2f}, "
               f"precision {floor['precision']:.3f}, recall {floor['recall']:.3f} ({seconds:.0f}s, "

@@ -12,12 +12,11 @@ from stages._cli import speaks
 from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.config import load_params
-from vqprior.io import atomic_group, extra_sample_set, extra_sample_sets, save_npy, write_split_json
-from vqprior.plots import save_sample_grid
+from vqprior.io import atomic_group, extra_sample_set, extra_sample_sets, save_npy, write_report
+from vqprior.grids import save_sample_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import generate, load_generator
 
-HEADLINE = ("unique_codes_used",)  # metrics/; the settings and counts go to reports/
 
 
 @speaks
@@ -55,7 +54,7 @@ def main() -> None:
             "num_classes": classes, "guidance": cfg.guidance if classes else None,
             "unique_codes_used": int(np.unique(out.codes.numpy()).size), "seeds": cfg.seeds,
         }
-        write_split_json(*paths.REPORTS["sample"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["sample"], metrics)
         run.log_metrics(metrics)
         run.log_artifact("reports/samples.png")
         guided = f", {classes} classes, guidance {cfg.guidance}" if classes else ""

@@ -2,8 +2,9 @@
 
 The point `sample` drew and `evaluate` scored is a row of the table too (marked `evaluate`), so the grid need not
 repeat it: the default grid holds only the points that differ from `sample`'s settings.
-Writes metrics/sweep.json (the best point's `best_fid`, `best_precision`, `best_recall`), reports/sweep_detail.json
-(its settings `best_temperature`, ..., and {"points": [...], "best": index, "criterion": ...}), plots/sweep.csv and reports/sweep.png
+Writes metrics/sweep.json (the best point's `fid`, `precision`, `recall`), reports/sweep_detail.json (the same as
+`best_fid`, ..., its settings `best_temperature`, ..., and {"points": [...], "best": index, "criterion": ...}),
+plots/sweep.csv and reports/sweep.png
 (precision against recall, FID against temperature). Only the points of the current grid count: folders left by
 points since removed from params.yaml are ignored.
 """
@@ -17,18 +18,18 @@ from stages._cli import speaks
 from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.config import SampleParams, SweepParams, load_params
+from vqprior.errors import require
 from vqprior.figures import plt, save_figure
-from vqprior.io import read_split_json, write_split_json
-from vqprior.plots import write_csv
+from vqprior.io import write_csv, write_report
 
-# evaluate's point: what `sample` drew and `evaluate` scored, each stage's headline file and the detail beside it
+# evaluate's point: what `sample` drew and `evaluate` scored (each stage's detail report holds all its numbers)
 SAMPLE_REPORT = paths.REPORTS["sample"]
 EVALUATE_REPORT = paths.REPORTS["evaluate"]
 COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "kid", "precision", "recall", "f_score", "num_samples",
            "unique_codes_used", "source")
 SETTINGS = ("temperature", "top_k", "top_p", "guidance")
 BEST_COLUMNS = ("temperature", "top_k", "top_p", "guidance", "fid", "precision", "recall")  # the best point's
-HEADLINE = ("best_fid", "best_precision", "best_recall")  # metrics/; the best point's settings go to reports/
+HEADLINE = {"fid": "best_fid", "precision": "best_precision", "recall": "best_recall"}  # metrics/ column -> key
 
 
 def grid(cfg: SweepParams) -> list[tuple[float, int, float, float]]:
@@ -50,7 +51,8 @@ def read_points(cfg: SweepParams, folder: Path = paths.SWEEP_POINTS) -> list[dic
 
 def evaluated_point(settings: SampleParams, sample=SAMPLE_REPORT, evaluate=EVALUATE_REPORT) -> dict:
     """The row of `sample`'s own settings with `evaluate`'s scores of its headline set."""
-    drawn, scores = read_split_json(*sample), read_split_json(*evaluate)
+    drawn, scores = (json.loads(require(r.detail, stage).read_text()) for r, stage in ((sample, "sample"),
+                                                                                      (evaluate, "evaluate")))
     return ({k: scores.get(k) for k in COLUMNS} | {k: getattr(settings, k) for k in SETTINGS}
             | {"unique_codes_used": drawn.get("unique_codes_used"), "source": "evaluate"})
 
@@ -97,7 +99,7 @@ def main() -> None:
         best = min(range(len(points)), key=lambda i: points[i]["fid"])
         best_point = {f"best_{k}": points[best][k] for k in BEST_COLUMNS}
         summary = best_point | {"points": points, "best": best, "criterion": "lowest fid"}
-        write_split_json(*paths.REPORTS["sweep"], summary, HEADLINE)
+        write_report(*paths.REPORTS["sweep"], summary, HEADLINE)
         write_csv("plots/sweep.csv", points)
         plot(points, best, "reports/sweep.png")
         run.log_metrics({f"best_{k}": v for k, v in points[best].items() if v is not None})

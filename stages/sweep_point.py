@@ -18,7 +18,7 @@ from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.features import score_samples
 from vqprior.io import save_npy, write_json_atomic
-from vqprior.plots import save_sample_grid
+from vqprior.grids import save_sample_grid
 from vqprior.runtime import resolve_runtime
 from vqprior.sampling import generate, load_generator
 
@@ -52,7 +52,8 @@ def main(argv=None) -> None:
                        batch_size=cfg.batch_size, seed=p.seed, **point)
         save_npy(args.out / "images.npy", out.images.numpy())
         save_sample_grid(out.images, prior.num_classes, args.out / "samples.png")
-        scores = score_samples(out.images, p.evaluate, str(runtime.device))
+        scores = score_samples(out.images, p.evaluate, str(runtime.device), reference_features=paths.TEST_FEATURES,
+                               reference_images=paths.TEST_IMAGES)
         result = point | {"unique_codes_used": int(np.unique(out.codes.numpy()).size)} | scores
         write_json_atomic(args.out / "scores.json", result)
         run.log_metrics(result)

@@ -11,13 +11,12 @@ from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.data.images import load_stats, read_images
 from vqprior.errors import DataError
-from vqprior.io import write_split_json
+from vqprior.io import write_report
 from vqprior.models import save_model
 from vqprior.models.classifier import Classifier, scale_images
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
 
-HEADLINE = ("test_accuracy",)  # metrics/; the rest goes to reports/
 
 
 def load_split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,7 +75,7 @@ def main() -> None:
             "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_split_json(*paths.REPORTS["train_classifier"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["train_classifier"], metrics)
         run.log_metrics(metrics)
         paths.checkpoint("train_classifier").unlink(missing_ok=True)
         print(f"train_classifier: test accuracy {test['acc']:.4f} (val {metrics['val_accuracy']:.4f}), "

@@ -11,14 +11,13 @@ from stages import _paths as paths
 from vqprior.codes import read_codes
 from vqprior.config import load_params
 from vqprior.errors import ParamsError
-from vqprior.io import write_split_json
+from vqprior.io import write_history_csv, write_report
 from vqprior.models import save_model
 from vqprior.models.prior import Prior
-from vqprior.plots import write_history_csv
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
 
-HEADLINE = ("val_nll",)  # metrics/; the rest goes to reports/
+HEADLINE = {"nll": "val_nll"}  # metrics/ column -> key; all in reports/
 
 
 @torch.no_grad()
@@ -90,7 +89,7 @@ def main() -> None:
             "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),
             "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_split_json(*paths.REPORTS["train_prior"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["train_prior"], metrics, HEADLINE)
         write_history_csv("plots/train_prior.csv", result.history)
         run.log_metrics(metrics)
         run.log_artifact("plots/train_prior.csv")

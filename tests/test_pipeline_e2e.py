@@ -39,8 +39,8 @@ def test_smoke_dag_end_to_end(smoke_repo):
 
     metrics = {s: stage_report(smoke_repo, s) for s in ("reference", "train_classifier", "train_vqvae", "reconstruction",
                                                        "extract_codes", "train_prior", "sample", "evaluate")}
-    metrics["prepare"] = json.loads((smoke_repo / "metrics/prepare.json").read_text())  # its detail: reports/prepare.json
-    assert metrics["prepare"] == {"train_images": 2700, "val_images": 300, "test_images": 500, "dropped_total": 0}
+    prepared = json.loads((smoke_repo / "reports/prepare.json").read_text())
+    assert prepared["split_sizes"] == {"train": 2700, "val": 300, "test": 500} and prepared["dropped_total"] == 0
     assert len(list((smoke_repo / "reports/vqvae_epochs").glob("epoch_*.png"))) == 3
     assert metrics["train_vqvae"]["test_mse"] < 0.05 and metrics["train_vqvae"]["epochs"] == 3
     assert metrics["extract_codes"]["images"] == 3500
@@ -140,6 +140,21 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert [q["guidance"] for q in points] == [1.0, 1.0, 3.0]
     guided, plain = (np.load(smoke_repo / f"data/sweep/t1.0-k20-p1.0-g{g}/images.npy") for g in ("3.0", "1.0"))
     assert guided.shape == images.shape and not np.array_equal(guided, plain)  # guidance changes the samples
+
+
+def test_dvc_metrics_show_is_one_screen_of_headline_numbers(smoke_repo):
+    """The files DVC reads as metrics hold a few numbers under names shared across stages: one table that fits a
+    screen, each number the same as in the stage's full report."""
+    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], smoke_repo)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    lines = shown.stdout.splitlines()
+    assert lines[0].split() == ["Path", "ceiling_fid", "classifier_fid", "fid", "fid_std", "mse", "nll", "perplexity",
+                                "precision", "recall", "rfid"]
+    assert [line.split()[0] for line in lines[1:]] == [f"metrics/{name}.json" for name in (
+        "reference", "train_vqvae", "reconstruction", "train_prior", "evaluate", "sweep")]
+    assert max(map(len, lines)) <= 160
+    floor = json.loads((smoke_repo / "metrics/reference.json").read_text())
+    assert floor == {k: stage_report(smoke_repo, "reference")[f"floor_{k}"] for k in ("fid", "precision", "recall")}
 
 
 def test_dvc_experiment_with_a_set_param(smoke_repo):

@@ -1,12 +1,18 @@
-"""A training stage killed mid-run resumes from its last checkpoint and ends with the weights of an uninterrupted run."""
+"""A stage killed mid-run under `dvc repro`, then `dvc repro` again: a trainer resumes from its last checkpoint, every
+stage ends with the outputs of an uninterrupted run."""
+import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import yaml
 
-from conftest import copy_repo, run, subprocess_env
+from conftest import copy_repo, require_fashion_mnist, run, subprocess_env
+from test_faults import tiny_params
 
 EPOCHS = 4
 
@@ -49,3 +55,58 @@ def test_killed_vqvae_stage_resumes_to_identical_weights(tmp_path):
     # DVC deleted the stage's outputs before the resumed run; the grids of the epochs before the kill survive anyway
     grids = sorted(f.name for f in (repo / "reports/vqvae_epochs").iterdir())
     assert grids == [f"epoch_{e:03d}.png" for e in range(1, EPOCHS + 1)]
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory):
+    """A tiny project whose DAG up to `train_prior` ran once, uninterrupted, under DVC."""
+    require_fashion_mnist()
+    repo = copy_repo(tmp_path_factory.mktemp("killed") / "repo")
+    params = tiny_params()
+    params["extract_codes"]["batch_size"] = 4  # many small writes: the kill lands mid-write
+    params["train_prior"]["train"] |= {"epochs": 3, "batch_size": 8}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run([sys.executable, "-m", "dvc", "repro", "train_prior"], repo)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return repo
+
+
+def _data_and_model_hashes(repo) -> dict[str, str]:
+    """dvc.lock's hash of every data and model output (the report files also hold wall times, so they differ)."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
+            if out["path"].startswith(("data/", "models/"))}
+
+
+@pytest.mark.parametrize("stage, ready", [
+    ("extract_codes", lambda repo: bool(list((repo / "data/codes").glob(".*.tmp")))),  # mid-write of a code file
+    ("train_prior", lambda repo: (repo / "checkpoints/train_prior.pt").exists()),  # after the first epoch
+], ids=["extract_codes-mid-write", "train_prior-after-epoch-1"])
+def test_sigkill_under_dvc_repro_then_dvc_repro_ends_as_uninterrupted(dvc_project, stage, ready):
+    """DVC and the stage both killed (SIGKILL to the process group, as a lost worker or a closed terminal would): the
+    next `dvc repro` re-runs that stage alone, to the same data and model hashes, so nothing downstream re-runs; no
+    temporary, no checkpoint and no RUNNING MLflow run is left, and `dvc status` is clean."""
+    repo = dvc_project
+    uninterrupted = _data_and_model_hashes(repo)
+    killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", stage], cwd=repo,
+                              env=subprocess_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not ready(repo):
+        assert killed.poll() is None, f"{stage} ended before the kill"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait()
+
+    again = run([sys.executable, "-m", "dvc", "repro", "train_prior"], repo)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert [line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")] == [stage]
+    assert _data_and_model_hashes(repo) == uninterrupted
+    status = run([sys.executable, "-m", "dvc", "status", "train_prior"], repo)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+    assert not [p for p in repo.rglob(".*.tmp") if ".dvc" not in p.parts]
+    assert not (repo / "checkpoints" / f"{stage}.pt").exists()
+    with sqlite3.connect(repo / "mlflow.db") as db:
+        statuses = [status for (status,) in db.execute("SELECT status FROM runs")]
+    assert "RUNNING" not in statuses and "KILLED" in statuses  # the killed run is marked when the stage starts again

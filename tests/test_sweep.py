@@ -4,9 +4,10 @@ import json
 import pytest
 
 from conftest import params_with
+from stages._paths import Report
 from stages.sweep import all_points, grid, read_points
 from vqprior.config import ParamsError, SweepParams, parse_params
-from vqprior.io import write_split_json
+from vqprior.io import write_report
 
 
 def _write_point(folder, t, k, p, fid, g=1.0):
@@ -31,9 +32,9 @@ def test_read_points_follows_the_grid_and_ignores_stale_points(tmp_path):
 def test_evaluate_point_is_a_row_unless_the_grid_repeats_it(tmp_path):
     """The sample settings' point was scored by `evaluate`: the table takes it from there instead of a sweep stage."""
     _write_point(tmp_path, 1.0, 0, 1.0, fid=20.0, g=1.5)
-    sample, evaluate = (tmp_path / "sample.json", tmp_path / "sample_detail.json"), (tmp_path / "ev.json", tmp_path / "ev_detail.json")
-    write_split_json(*sample, {"temperature": 1.0, "unique_codes_used": 250}, ["temperature"])
-    write_split_json(*evaluate, {"fid": 21.5, "precision": 0.7, "recall": 0.6, "kid": 0.01, "num_samples": 10}, ["fid"])
+    sample, evaluate = Report(tmp_path / "sample_detail.json"), Report(tmp_path / "ev_detail.json", tmp_path / "ev.json")
+    write_report(*sample, {"temperature": 1.0, "unique_codes_used": 250})
+    write_report(*evaluate, {"fid": 21.5, "precision": 0.7, "recall": 0.6, "kid": 0.01, "num_samples": 10}, {"fid": "fid"})
     settings = parse_params(params_with({"sample": {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "guidance": 1.0}})).sample
     cfg = SweepParams(temperature=[1.0], top_k=[0], top_p=[1.0], guidance=[1.5])
     points = all_points(cfg, settings, tmp_path, sample, evaluate)

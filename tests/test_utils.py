@@ -10,8 +10,8 @@ from PIL import Image
 
 from small_params import cpu
 from vqprior.errors import ParamsError
-from vqprior.io import atomic_group, atomic_path, write_json_atomic
-from vqprior.plots import save_grid, write_history_csv
+from vqprior.grids import save_grid
+from vqprior.io import atomic_group, atomic_path, write_history_csv, write_json_atomic
 from vqprior.runtime import cpu_has_bf16, resolve_precision, resolve_runtime
 
 

@@ -14,13 +14,8 @@ from .data.images import read_images
 from .errors import InputError, require
 from .io import atomic_path
 from .runtime import resolve_precision
-from .metrics import INCEPTION, extract_features, feature_layer, metrics_from_features, precision_recall_by_class
-
-TEST_FEATURES = Path("data/reference/test_features.npy")
-TRAIN_FEATURES = Path("data/reference/train_features.npy")
-TEST_IMAGES = Path("data/prepared/test.parquet")  # the reference set: its first `evaluate.num_reference` images
-TRAIN_IMAGES = Path("data/prepared/train.parquet")  # the floor's set: its first `evaluate.num_reference` images
-
+from .extractors import INCEPTION
+from .metrics import extract_features, feature_layer, metrics_from_features, precision_recall_by_class
 
 def read_labelled_images(path: str | Path, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `limit` images of a prepared split as uint8 N x C x H x W (torch-fidelity's layout) and their
@@ -63,15 +58,16 @@ def inception_bf16(cfg: EvaluateParams, device: str | torch.device) -> bool:
     return resolve_precision(cfg.inception_precision, torch.device(device)) == "bf16"
 
 
-def score_samples(images: torch.Tensor, cfg: EvaluateParams, device: str, by_class: bool = False,
-                  labels: torch.Tensor | None = None) -> dict:
-    """`score` of generated images against the cached test features, with the protocol that makes it comparable;
-    `by_class` adds precision and recall by class (`labels`: the samples' classes, None for an unconditional prior)."""
-    reference = load_features()
+def score_samples(images: torch.Tensor, cfg: EvaluateParams, device: str, *, reference_features: str | Path,
+                  reference_images: str | Path, by_class: bool = False, labels: torch.Tensor | None = None) -> dict:
+    """`score` of generated images against the cached features of the test split's first images, with the protocol
+    that makes it comparable; `by_class` adds precision and recall by class (the reference's labels read from
+    `reference_images`; `labels`: the samples' classes, None for an unconditional prior)."""
+    reference = load_features(reference_features)
     bf16 = inception_bf16(cfg, device)
     metrics = score(images, reference, batch_size=cfg.batch_size, prc_neighborhood=cfg.prc_neighborhood,
                     device=device, bf16=bf16, labels=labels,
-                    reference_labels=read_labels(TEST_IMAGES, limit=len(reference)) if by_class else None)
+                    reference_labels=read_labels(reference_images, limit=len(reference)) if by_class else None)
     return metrics | {
         "feature_extractor": INCEPTION, "feature_layer": feature_layer(INCEPTION),
         "reference_split": "test", "reference_images": f"first {len(reference)} of the prepared test split",
@@ -86,7 +82,7 @@ def save_features(path: str | Path, features: torch.Tensor) -> None:
         np.save(f, features.cpu().numpy().astype(np.float32))
 
 
-def load_features(path: str | Path = TEST_FEATURES) -> torch.Tensor:
+def load_features(path: str | Path) -> torch.Tensor:
     path = require(path, "reference")
     try:
         return torch.from_numpy(np.load(path))  # allow_pickle is off: a cache cannot carry code

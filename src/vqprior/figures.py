@@ -1,6 +1,6 @@
 """Matplotlib figures for the reports: `plt` set to draw off-screen, `save_figure` to write them atomically.
 
-Apart from plots.py (image grids, CSV histories) so that a change here re-runs only the stages that draw figures.
+Apart from grids.py (images as PNG grids) so that a change here re-runs only the stages that draw figures.
 """
 from __future__ import annotations
 

@@ -1,17 +1,19 @@
-"""Atomic file writes: a killed process leaves the old file or none, never half of one. And where `sample`'s extra sample
-sets live, so `sample` and `evaluate` agree on it."""
+"""Files in and out: atomic writes (a killed process leaves the old file or none, never half of one) of JSON, CSV, text
+and arrays; a file's hash; and where `sample`'s extra sample sets live, so `sample` and `evaluate` agree on it."""
 from __future__ import annotations
 
 import contextvars
+import csv
 import errno
 import glob
+import hashlib
 import json
 import os
 import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Mapping
 
 import numpy as np
 
@@ -132,22 +134,25 @@ def atomic_group():
                 os.unlink(tmp)
 
 
+def file_hash(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (models and Parquet files can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
 def write_json_atomic(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def write_split_json(headline_path: str | Path, detail_path: str | Path, values: dict, headline: Iterable[str]) -> None:
-    """The `headline` keys of `values` to `headline_path`, every other key to `detail_path`: a short file of the
-    numbers compared from run to run, and the breakdowns (by class, by position, the protocol) beside it."""
-    headline = set(headline)
-    write_json_atomic(headline_path, {k: v for k, v in values.items() if k in headline})
-    write_json_atomic(detail_path, {k: v for k, v in values.items() if k not in headline})
-
-
-def read_split_json(headline_path: str | Path, detail_path: str | Path) -> dict:
-    """What `write_split_json` wrote, whole again."""
-    return json.loads(Path(headline_path).read_text()) | json.loads(Path(detail_path).read_text())
+def write_report(detail_path: str | Path, headline_path: str | Path | None, values: dict,
+                 headline: Mapping[str, str] | None = None) -> None:
+    """Every one of `values` to `detail_path`; with `headline` (column -> key of `values`), those few under their short
+    column names to `headline_path` too: the numbers compared from run to run, few and with names shared across
+    reports (`fid`, `precision`, ...), so that one table of every report's headline stays one screen wide."""
+    if headline:
+        write_json_atomic(headline_path, {column: values[key] for column, key in headline.items()})
+    write_json_atomic(detail_path, values)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -168,3 +173,19 @@ def extra_sample_set(folder: str | Path, seed: int) -> Path:
 def extra_sample_sets(folder: str | Path) -> list[Path]:
     """Every extra sample set in `folder`, in seed order."""
     return sorted(Path(folder).glob("images_seed*.npy"), key=lambda f: int(f.stem.removeprefix("images_seed")))
+
+
+def write_csv(path: str | Path, rows: list[dict]) -> None:
+    """Rows of scalars -> CSV (columns in first-seen order; floats to 6 significant digits)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def write_history_csv(path: str | Path, history: list[dict]) -> None:
+    """Per-epoch metrics, numbered from 1 in an `epoch` column first."""
+    write_csv(path, [{"epoch": epoch} | {k: v for k, v in row.items() if k != "epoch"}
+                     for epoch, row in enumerate(history, start=1)])

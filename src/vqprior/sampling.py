@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from .data.images import file_sha256
+from .io import file_hash
 from .errors import InputError
 from .models.prior import KVCache, Prior, load_prior
 from .models.vqvae import VQVAE, load_vqvae
@@ -97,7 +97,7 @@ def load_generator(prior_path: str, vqvae_path: str, device) -> tuple[Prior, dic
     prior, state = load_prior(prior_path, device)
     vqvae, _ = load_vqvae(vqvae_path, device)
     trained_on = state.get("vqvae_sha256")  # train_prior records the hash of the VQ-VAE that made its codes
-    if (trained_on is not None and trained_on != file_sha256(vqvae_path)) or prior.vocab != vqvae.config.codebook_size:
+    if (trained_on is not None and trained_on != file_hash(vqvae_path)) or prior.vocab != vqvae.config.codebook_size:
         raise InputError(prior_path, "train_prior", f"was trained on the codes of another {vqvae_path}")
     return prior, state, vqvae
 

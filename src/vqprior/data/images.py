@@ -6,7 +6,6 @@ standardisation) is applied when batches are loaded, and `stats.json` records it
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,14 +201,6 @@ class Normalisation:
     def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
         """Model space -> uint8 N x C x H x W (the layout torch-fidelity expects)."""
         return self.to_unit(x).mul(255.0).round().clamp(0, 255).to(torch.uint8)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_stats(folder: str | Path, needs: tuple[str, ...] = ("sha256",)) -> dict:

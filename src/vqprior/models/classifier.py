@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import torch_fidelity
 from torch import nn
-from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ..config import ClassifierModelParams
-from ..metrics import _Extractor
+from ..extractors import FeatureExtractor, register
 from . import read_checkpoint
 
 CLASSIFIER = "fashion-classifier"
@@ -64,7 +62,7 @@ def load_classifier(path, device: torch.device | str = "cpu") -> tuple[Classifie
     return model.to(device).eval(), state
 
 
-class ClassifierFeatures(_Extractor):
+class ClassifierFeatures(FeatureExtractor):
     """torch-fidelity extractor: uint8 N x C x H x W -> the trained classifier's feature layer (float32)."""
 
     LAYER = "features"
@@ -87,5 +85,4 @@ class ClassifierFeatures(_Extractor):
         return (self.net.features(scale_images(x)).float(),)
 
 
-if CLASSIFIER not in FEATURE_EXTRACTORS_REGISTRY:  # module re-import must not fail
-    torch_fidelity.register_feature_extractor(CLASSIFIER, ClassifierFeatures)
+register(CLASSIFIER, ClassifierFeatures)

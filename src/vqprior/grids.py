@@ -1,7 +1,6 @@
-"""Small report outputs: PNG image grids and per-epoch CSV histories (for plotting tools)."""
+"""Images shown as one PNG: a grid of N images, and the sample grid (one row per class for a conditional prior)."""
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -35,19 +34,3 @@ def save_sample_grid(images: torch.Tensor, classes: int, path: str | Path) -> No
         save_grid(images[: per * classes].unflatten(0, (per, classes)).transpose(0, 1).flatten(0, 1), path, nrow=per)
     else:
         save_grid(images[:64], path, nrow=8)
-
-
-def write_csv(path: str | Path, rows: list[dict]) -> None:
-    """Rows of scalars -> CSV (columns in first-seen order; floats to 6 significant digits)."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def write_history_csv(path: str | Path, history: list[dict]) -> None:
-    """Per-epoch metrics, numbered from 1 in an `epoch` column first."""
-    write_csv(path, [{"epoch": epoch} | {k: v for k, v in row.items() if k != "epoch"}
-                     for epoch, row in enumerate(history, start=1)])
