@@ -12,13 +12,13 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install data flow dag metrics times
+.PHONY: run test install data flow dag metrics times services services-stop postgres
 
 run: install data ## the whole DAG with params.yaml, then where its time went
 	$(BIN)/dvc repro
 	$(BIN)/python -m stages.times
 
-test: install data ## the test suite (unit tests + an end-to-end smoke run of the DAG)
+test: install data postgres ## the test suite (unit tests + an end-to-end smoke run of the DAG)
 	$(BIN)/python -m pytest -q --durations=15
 
 flow: install data ## the same DAG as a Prefect flow (offline, temporary local server)
@@ -47,3 +47,18 @@ metrics: install
 
 times: install ## the last run's minutes per stage (MLflow run times), precision, Inception images
 	$(BIN)/python -m stages.times
+
+# The team set-up (docs/team.md): PostgreSQL, an MLflow server on it serving the artifacts, a Prefect server on it, all
+# on 127.0.0.1 (ports, folders, login: services/config.env). Then: eval "$(services/services.sh env)"
+services: install postgres
+	services/services.sh start
+
+services-stop:
+	services/services.sh stop
+
+# Debian's PostgreSQL 15 where apt-get exists (the team services and their tests need it)
+postgres:
+	@if ! command -v pg_createcluster >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql >/dev/null; \
+	fi

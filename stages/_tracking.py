@@ -1,7 +1,7 @@
 """MLflow for the stages: one run per stage run, nested under a pipeline run when a flow drives them.
 
 Nothing outside stages/ and flows/ imports MLflow. The store defaults to `sqlite:///<repo>/mlflow.db`
-with artifacts in `<repo>/mlartifacts`; `MLFLOW_TRACKING_URI` overrides it.
+with artifacts in `<repo>/mlartifacts`; `MLFLOW_TRACKING_URI` overrides it (e.g. the team's server: `make services`).
 """
 from __future__ import annotations
 
@@ -94,23 +94,40 @@ def check_sqlite(uri: str) -> None:
 
 
 def repo_root() -> Path:
-    return Path.cwd().resolve()
+    """The project's folder. A queued DVC experiment runs in a temporary copy under .dvc/tmp/exps, which is deleted
+    afterwards; DVC names the project itself in DVC_ROOT, so the default store outlives the experiment."""
+    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
-def ensure_experiment(name: str) -> str:
-    """Point MLflow at the project's store and return the experiment id (created on first use)."""
-    import mlflow
+def is_local_store(uri: str) -> bool:
+    """A store in this machine's files (SQLite or a folder), not a tracking server."""
+    return urlparse(uri).scheme in ("", "file", "sqlite")
 
-    mlflow.set_tracking_uri(tracking_uri())
+
+def ensure_experiment(name: str) -> str:
+    """Point MLflow at the project's store and return the experiment id (created on first use). A local store keeps
+    the artifacts beside it in `<repo>/mlartifacts`; a tracking server chooses their place itself (with
+    `--artifacts-destination`, clients upload through it and never write to their own disk). Two processes creating
+    the experiment at once both get it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    artifacts = (repo_root() / "mlartifacts").as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifacts)
+    location = (repo_root() / "mlartifacts").as_uri() if is_local_store(uri) else None
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow.get_experiment_by_name(name).experiment_id  # another process created it just now
 
 
 def flatten(obj, prefix: str = "") -> dict:
@@ -127,7 +144,7 @@ def flatten(obj, prefix: str = "") -> dict:
 def stage_param_keys(stage: str) -> list[str]:
     import yaml
 
-    spec = yaml.safe_load((repo_root() / "dvc.yaml").read_text())["stages"][stage]
+    spec = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]  # the workspace the stage runs in
     keys = []
     for entry in spec.get("params", []):
         keys += list(entry.values())[0] if isinstance(entry, dict) else [entry]
