@@ -8,10 +8,12 @@ Prefect adds retries, logs, a UI and schedules; MLflow gets one "pipeline" run t
     python -m flows.pipeline --stages prepare     # a subset, still in DAG order
     python -m flows.pipeline --dry-run            # print the derived order
     python -m flows.pipeline --serve --cron "0 3 * * *"   # needs `prefect server start` + PREFECT_API_URL
+    python -m flows.pipeline --deploy --pool vqprior      # a deployment for workers: `prefect worker start --pool vqprior`
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -115,14 +117,36 @@ def pipeline(stages: list[str] | None = None, retries: int = 1) -> list[str]:
     return selected
 
 
+def deploy(name: str, pool: str, cron: str, parameters: dict) -> None:
+    """Deploy the flow, as it is in this folder, to the process work pool `pool` (created if missing), on `cron`. A
+    worker started the standard way (`prefect worker start --pool POOL`) runs it here, and `prefect deployment run
+    vqprior-pipeline/NAME` or the UI starts a run. One flow run at a time: DVC allows one `dvc repro` per workspace,
+    so a second run waits for the first (its state reads AwaitingConcurrencySlot meanwhile)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    here = pipeline.from_source(source=str(Path.cwd().resolve()), entrypoint="flows/pipeline.py:pipeline")
+    here.deploy(name=name, work_pool_name=pool, cron=cron, parameters=parameters, print_next_steps=False,
+                concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
+    print(f"deployed vqprior-pipeline/{name} to work pool '{pool}' (cron {cron}); start a worker with "
+          f"`prefect worker start --pool {pool}`, a run with `prefect deployment run vqprior-pipeline/{name}`")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--stages", nargs="+", metavar="STAGE", help="run only these stages (in DAG order)")
     ap.add_argument("--retries", type=int, default=1, help="retries per stage (default 1)")
     ap.add_argument("--dry-run", action="store_true", help="print the derived order and exit")
     ap.add_argument("--serve", action="store_true", help="serve the flow on a schedule (needs `prefect server start`)")
-    ap.add_argument("--cron", default="0 3 * * *", help="cron schedule for --serve (default: %(default)s)")
-    ap.add_argument("--name", default="vqprior-nightly", help="deployment name for --serve")
+    ap.add_argument("--deploy", action="store_true", help="deploy to a process work pool for workers")
+    ap.add_argument("--pool", default="vqprior", help="work pool for --deploy (default: %(default)s)")
+    ap.add_argument("--cron", default="0 3 * * *", help="cron schedule for --serve/--deploy (default: %(default)s)")
+    ap.add_argument("--name", default="vqprior-nightly", help="deployment name for --serve/--deploy")
     args = ap.parse_args(argv)
 
     if not Path("dvc.yaml").exists():
@@ -134,12 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         print("\n".join(selected))
         return
-    if args.serve:
+    if args.serve or args.deploy:
         from prefect.settings import get_current_settings
 
-        if not get_current_settings().api.url:  # env var or `prefect config set`; else serve has no server
-            sys.exit("error: --serve needs a Prefect server: run `prefect server start`, then "
-                     "export PREFECT_API_URL=http://127.0.0.1:4200/api")
+        if not get_current_settings().api.url:  # env var or `prefect config set`; else there is no server to use
+            sys.exit(f"error: --{'serve' if args.serve else 'deploy'} needs a Prefect server: run `make services` "
+                     "(or `prefect server start`), then export PREFECT_API_URL=http://127.0.0.1:4200/api")
+    if args.deploy:
+        deploy(args.name, args.pool, args.cron, {"stages": args.stages, "retries": args.retries})
+        return
+    if args.serve:
         pipeline.serve(name=args.name, cron=args.cron, parameters={"stages": args.stages, "retries": args.retries})
         return
     state = pipeline(stages=args.stages, retries=args.retries, return_state=True)

@@ -2,7 +2,9 @@
 the test's own: PostgreSQL from Debian, an MLflow server on it serving the artifacts, a Prefect server on it."""
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -152,3 +154,61 @@ def test_prefect_server_keeps_flow_runs_in_postgresql(services):
                                        query), capture_output=True, text=True, timeout=60)
     assert rows.returncode == 0, rows.stderr
     assert rows.stdout.split() == ["COMPLETED"]
+
+
+def _flow_run_states(api_url: str, ids: list[str]) -> list[tuple[str, str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        return [(client.read_flow_run(i).state.type.value, client.read_flow_run(i).state.name) for i in ids]
+
+
+def test_a_deployment_runs_on_a_process_worker_one_flow_run_at_a_time(services, tmp_path):
+    """`--deploy` to a process work pool, a worker started the standard way, two runs started with `prefect deployment
+    run`: both complete, never at the same time (the second waits on the deployment's concurrency limit), and their
+    stage runs land in the MLflow server."""
+    from mlflow.tracking import MlflowClient
+
+    require_fashion_mnist()
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    env = {"PREFECT_API_URL": services.prefect, "MLFLOW_TRACKING_URI": services.mlflow}
+    deployed = run([sys.executable, "-m", "flows.pipeline", "--deploy", "--pool", "vqprior-test", "--name", "test",
+                    "--stages", "prepare", "train_vqvae"], repo, env)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-3000:]
+    prefect = str(Path(sys.executable).parent / "prefect")
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "vqprior-test", "--type", "process"], cwd=repo,
+                                  env=subprocess_env(repo, env), stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        ids = []
+        for _ in range(2):
+            started = run([prefect, "deployment", "run", "vqprior-pipeline/test"], repo, env)
+            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+            ids.append(re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", started.stdout)[0])
+        seen, deadline = set(), time.monotonic() + 600
+        while True:
+            states = _flow_run_states(services.prefect, ids)
+            seen |= {name for _, name in states}
+            assert [kind for kind, _ in states].count("RUNNING") <= 1, states  # one dvc repro in the workspace
+            if all(kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for kind, _ in states):
+                break
+            assert time.monotonic() < deadline, (states, (tmp_path / "worker.log").read_text()[-3000:])
+            time.sleep(1)
+        assert [kind for kind, _ in states] == ["COMPLETED", "COMPLETED"], (tmp_path / "worker.log").read_text()[-3000:]
+        assert "AwaitingConcurrencySlot" in seen, seen
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        worker.wait(timeout=60)
+    client = MlflowClient(services.mlflow)
+    experiment = client.get_experiment_by_name("vqprior").experiment_id
+    children = []
+    for flow_run_id in ids:
+        (parent,) = client.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+        assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
+        nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        children.append(sorted(r.info.run_name for r in nested))
+    # the first flow run ran both stages; the second found them done and DVC skipped them
+    assert sorted(children) == [[], ["prepare", "train_vqvae"]]
