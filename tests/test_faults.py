@@ -537,7 +537,13 @@ def test_permission_denied_names_the_file(project, monkeypatch):
 # --- SIGKILL in the middle of a stage: the old outputs stay, a re-run by hand ends as an uninterrupted run -----------
 
 def _stage(stage: str, project: Path, store: str) -> list:
-    return [sys.executable, "-m", f"stages.{stage}"], dict(cwd=project, env=subprocess_env(
+    """The command of `stage` (a sweep point's: `stage@T-k-p-g`, with its arguments as dvc.yaml writes them)."""
+    name, _, point = stage.partition("@")
+    args = []
+    if point:
+        t, k, p, g = point.split("-")
+        args = ["--temperature", t, "--top-k", k, "--top-p", p, "--guidance", g, "--out", f"data/sweep/t{t}-k{k}-p{p}-g{g}"]
+    return [sys.executable, "-m", f"stages.{name}", *args], dict(cwd=project, env=subprocess_env(
         project, CODE | {"MLFLOW_TRACKING_URI": store}), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -612,7 +618,9 @@ def test_sigkill_then_rerun_by_hand_gives_the_uninterrupted_outputs(project, sto
 
 READERS = {".json": lambda p: json.loads(p.read_text()), ".npy": np.load, ".parquet": pd.read_parquet,
            ".png": lambda p: Image.open(p).load(), ".pt": lambda p: torch.load(p, weights_only=True)}
-BEFORE = {"reconstruction_fid": ["reference"], "evaluate": ["reference", "reconstruction_fid", "train_classifier"]}
+SWEEP_POINT = f"sweep_point@1.0-{tiny_params()['sweep']['top_k'][0]}-1.0-1.0"  # a point of the tiny grid
+BEFORE = {"reconstruction_fid": ["reference"], "evaluate": ["reference", "reconstruction_fid", "train_classifier"],
+          SWEEP_POINT: ["reference"]}
 
 
 def _readable(project: Path) -> list[str]:
@@ -625,7 +633,8 @@ def _readable(project: Path) -> list[str]:
     return read
 
 
-@pytest.mark.parametrize("stage", ["prepare", "reference", "reconstruction_fid", "sample", "analyse_prior", "evaluate"])
+@pytest.mark.parametrize("stage", ["prepare", "reference", "reconstruction_fid", "sample", "analyse_prior", "evaluate",
+                                   SWEEP_POINT])
 def test_sigkill_part_way_leaves_whole_files_and_the_rerun_no_stray(project, store, stage):
     """The stage is killed at about 60 % of its uninterrupted wall time: every file left is whole (old or new), a
     re-run by hand succeeds, leaves no temporary and exactly the files of the uninterrupted run, and the killed MLflow
