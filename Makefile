@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install data flow dag metrics times services services-stop postgres
+.PHONY: run test install data flow dag metrics times promote services services-stop postgres
 
 run: install data ## the whole DAG with params.yaml, then where its time went
 	$(BIN)/dvc repro
@@ -47,6 +47,9 @@ metrics: install
 
 times: install ## the last run's minutes per stage (MLflow run times), precision, Inception images
 	$(BIN)/python -m stages.times
+
+promote: install ## move the registered generator's `champion` alias to the latest version if its FID is better
+	$(BIN)/python -m stages.promote
 
 # The team set-up (docs/team.md): PostgreSQL, an MLflow server on it serving the artifacts, a Prefect server on it, all
 # on 127.0.0.1 (ports, folders, login: services/config.env). Then: eval "$(services/services.sh env)"

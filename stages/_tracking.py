@@ -6,6 +6,8 @@ with artifacts in `<repo>/mlartifacts`; `MLFLOW_TRACKING_URI` overrides it (e.g.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from vqprior.errors import VqpriorError
+from vqprior.io import file_hash
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
@@ -46,6 +49,9 @@ def store_errors(os_errors: bool = True) -> tuple[type[BaseException], ...]:
 def tracking_failure(exc: BaseException, uri: str) -> TrackingError:
     """One line for a store that failed: what the store said (its first line) and what to do."""
     said = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
+    if getattr(exc, "error_code", None) in ("UNAUTHENTICATED", "PERMISSION_DENIED"):  # MLflow's login (basic-auth)
+        return TrackingError(f"tracking server {uri} refused the login ({exc.error_code}): set MLFLOW_TRACKING_USERNAME "
+                             "and MLFLOW_TRACKING_PASSWORD to an account that may edit the experiment")
     if uri.startswith("sqlite:"):
         todo = f"check that {uri.removeprefix('sqlite:///')} is a writable MLflow database, or move it away to start a new one"
     else:
@@ -141,14 +147,49 @@ def flatten(obj, prefix: str = "") -> dict:
     return out
 
 
-def stage_param_keys(stage: str) -> list[str]:
+def stage_spec(stage: str) -> dict:
+    """`stage`'s entry in the dvc.yaml of the workspace the stage runs in."""
     import yaml
 
-    spec = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]  # the workspace the stage runs in
+    return yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]
+
+
+def stage_param_keys(stage: str) -> list[str]:
+    spec = stage_spec(stage)
     keys = []
     for entry in spec.get("params", []):
         keys += list(entry.values())[0] if isinstance(entry, dict) else [entry]
     return [k.split(".")[0] for k in keys]
+
+
+def dvc_md5(path: str | Path) -> str:
+    """The hash DVC records for `path` in dvc.lock: a file's md5; for a folder, the md5 of its listing (each file's
+    md5 and relative path, sorted by path, as JSON) with `.dir` appended."""
+    path = Path(path)
+    if not path.is_dir():
+        return file_hash(path, "md5")
+    listing = sorted(({"md5": file_hash(f, "md5"), "relpath": f.relative_to(path).as_posix()}
+                      for f in path.rglob("*") if f.is_file()), key=lambda entry: entry["relpath"])
+    return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
+
+
+def stage_data(stage: str) -> dict[str, list[str]]:
+    """The data and model paths dvc.yaml says `stage` reads ("dep") and writes ("out"), code left out; a path that
+    names a matrix item (`${item...}`) is left out too."""
+    spec = stage_spec(stage)
+
+    def names(entries) -> list[str]:
+        paths = [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+        return [p for p in paths if "${" not in p and not p.endswith(".py") and not p.startswith("src/")]
+
+    return {"dep": names(spec.get("deps")),
+            "out": names(spec.get("outs")) + names(spec.get("metrics")) + names(spec.get("plots"))}
+
+
+def dvc_hash_tags(stage: str) -> dict[str, str]:
+    """Tags `dvc.dep.<path>` and `dvc.out.<path>` with the DVC hash of each data and model path the stage read and
+    wrote: the run names the exact files `dvc pull` brings back for a commit's dvc.lock."""
+    return {f"dvc.{kind}.{p}": dvc_md5(p) for kind, paths in stage_data(stage).items() for p in paths if Path(p).exists()}
 
 
 def git_commit() -> str:
@@ -228,6 +269,25 @@ class StageRun:
     def set_tags(self, tags: dict) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    def register_version(self, name: str, folder: str, tags: dict, description: str) -> str | None:
+        """A new version of the registered model `name` (created on first use) from this run's artifact `folder`;
+        its version number, or None when the stage goes on untracked."""
+        def register(mlflow):
+            from mlflow.exceptions import MlflowException
+
+            client = mlflow.MlflowClient()
+            try:
+                client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            run_id = mlflow.active_run().info.run_id
+            version = client.create_model_version(name, f"runs:/{run_id}/{folder}", run_id=run_id,
+                                                  tags={k: str(v) for k, v in tags.items()}, description=description)
+            return str(version.version)  # an int from a SQLite store, a string from a server
+
+        return self._mlflow.call(register)
+
 
 class _Guarded:
     """MLflow's module, each call turning a store failure into a TrackingError (or, where tracking is optional, into
@@ -237,19 +297,20 @@ class _Guarded:
         self._mlflow, self._stage, self._required = mlflow, stage, required
 
     def __getattr__(self, name):
-        def guarded(*args, **kwargs):
-            if self._mlflow is None:
-                return None
-            try:
-                return getattr(self._mlflow, name)(*args, **kwargs)
-            except store_errors() as exc:
-                failure = tracking_failure(exc, tracking_uri())
-                if self._required:
-                    raise failure from None
-                untracked(self._stage, failure)
-                self._mlflow = None
+        return lambda *args, **kwargs: self.call(lambda mlflow: getattr(mlflow, name)(*args, **kwargs))
 
-        return guarded
+    def call(self, fn):
+        """fn(mlflow), guarded; None once the stage goes on untracked."""
+        if self._mlflow is None:
+            return None
+        try:
+            return fn(self._mlflow)
+        except store_errors() as exc:
+            failure = tracking_failure(exc, tracking_uri())
+            if self._required:
+                raise failure from None
+            untracked(self._stage, failure)
+            self._mlflow = None
 
 
 def untracked(stage: str, failure: TrackingError) -> None:
@@ -314,6 +375,7 @@ def tracked_run(stage: str, params):
     try:
         with _store(tracking_uri(), os_errors=False), active:
             yield run
+            run.set_tags(dvc_hash_tags(stage))
     except TrackingError as failure:
         if required:
             raise

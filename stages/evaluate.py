@@ -8,7 +8,10 @@ Precision and recall are also split by class (`recall_by_class`: each real class
 they say which classes the prior misses.
 
 The same numbers in a second feature space, the `train_classifier` CNN's (one that knows small grayscale images),
-come out as `classifier_fid`, `classifier_precision`, `classifier_recall`; Inception's stay the headline."""
+come out as `classifier_fid`, `classifier_precision`, `classifier_recall`; Inception's stay the headline.
+
+The generator it scored (the VQ-VAE and the prior) becomes a new version of the registered model
+`<experiment>-generator` with these scores (stages/_registry.py)."""
 from __future__ import annotations
 
 import json
@@ -18,6 +21,7 @@ import numpy as np
 import torch
 
 from stages._cli import speaks
+from stages._registry import model_name, register_generator
 from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.config import load_params
@@ -89,6 +93,8 @@ def main() -> None:
                 raise InputError(path, "sample", f"holds images of {tuple(images.shape[1:])} (C, H, W) but the test "
                                  f"split's are {real_shape}")
         require(paths.CLASSIFIER, "train_classifier")
+        require(paths.VQVAE, "train_vqvae")  # registered with the scores
+        require(paths.PRIOR, "train_prior")
         scored = ("fid", "precision", "recall", "recall_by_class")
         context = read_metrics("reference", [f"floor_{k}" for k in scored])
         context |= read_metrics("reconstruction_fid", ["rfid"] + [f"prior_ceiling_{k}" for k in scored])
@@ -105,6 +111,9 @@ def main() -> None:
         run.log_metrics(metrics)
         run.log_artifact(paths.REPORTS["evaluate"].metrics)
         run.log_artifact(paths.REPORTS["evaluate"].detail)
+        if version := register_generator(run, p.tracking.experiment, metrics):
+            print(f"evaluate: registered the generator as version {version} of {model_name(p.tracking.experiment)} "
+                  f"(`python -m stages.promote` makes it the champion if its FID is better)")
         print(f"evaluate: FID {metrics['fid']:.2f}, precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f} "
               f"(floor {metrics['floor_fid']:.2f} / {metrics['floor_precision']:.3f} / {metrics['floor_recall']:.3f}; "
               f"perfect-prior ceiling {metrics['prior_ceiling_fid']:.2f} / {metrics['prior_ceiling_precision']:.3f} / "

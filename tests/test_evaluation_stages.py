@@ -13,10 +13,11 @@ from conftest import ROOT, stage_report
 from test_metrics import fashion_like
 from stages import evaluate, reconstruction_fid, reference
 from vqprior import extractors as X, features, metrics as M
-from vqprior.config import ClassifierModelParams, VQVAEModelParams, load_params
+from vqprior.config import ClassifierModelParams, PriorModelParams, VQVAEModelParams, load_params
 from vqprior.data.images import write_images
 from vqprior.models import save_model
 from vqprior.models.classifier import CLASSIFIER, Classifier
+from vqprior.models.prior import Prior
 from vqprior.models.vqvae import VQVAE, load_vqvae
 from vqprior.runtime import resolve_runtime
 
@@ -29,6 +30,10 @@ class _Run:
 
     def log_artifact(self, path, folder=None):
         pass
+
+    def register_version(self, name, folder, tags, description):
+        self.registered = (name, tags)
+        return "1"
 
 
 @pytest.fixture
@@ -45,6 +50,8 @@ def repo(tmp_path, monkeypatch):
     torch.manual_seed(0)
     save_model("models/vqvae.pt", VQVAE(VQVAEModelParams(**params["train_vqvae"]["model"]), in_channels=1),
                in_channels=1)
+    save_model("models/prior.pt", Prior(PriorModelParams(**params["train_prior"]["model"]), vocab=64, length=49),
+               vocab=64, length=49, grid=[7, 7])
     save_model("models/classifier.pt", Classifier(ClassifierModelParams(channels=8, feature_dim=32), in_channels=1, num_classes=10),
                in_channels=1, num_classes=10, image_shape=[28, 28, 1])  # untrained: a fixed random feature space
     (tmp_path / "reports").mkdir()

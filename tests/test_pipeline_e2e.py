@@ -6,6 +6,7 @@ import mlflow
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from conftest import run, stage_report
 
@@ -110,6 +111,18 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert by_stage.loc["reference", "metrics.floor_fid"] == ref["floor_fid"]
     assert by_stage.loc["reconstruction_fid", "metrics.rfid"] == rec["rfid"]
     assert (by_stage["status"] == "FINISHED").all()
+    # each run names the DVC hashes of the data and models it read and wrote: those dvc.lock records
+    lock = yaml.safe_load((smoke_repo / "dvc.lock").read_text())["stages"]
+    hashed = {(stage, kind[:-1], e["path"]): e["md5"] for stage in ("prepare", "train_vqvae", "extract_codes",
+              "train_prior", "evaluate") for kind in ("deps", "outs") for e in lock[stage][kind]
+              if not e["path"].endswith(".py") and not e["path"].startswith("src/")}
+    assert len(hashed) == 31 and all(by_stage.loc[stage, f"tags.dvc.{kind}.{path}"] == md5
+                                     for (stage, kind, path), md5 in hashed.items())
+    # evaluate registered the generator it scored: one version, its models' DVC hashes, the scores
+    (version,) = mlflow.MlflowClient().search_model_versions("name = 'vqprior-generator'")
+    assert version.run_id == by_stage.loc["evaluate", "run_id"] and float(version.tags["fid"]) == ev["fid"]
+    prior_md5 = next(e["md5"] for e in lock["train_prior"]["outs"] if e["path"] == "models/prior.pt")
+    assert version.tags["dvc.md5.models/prior.pt"] == prior_md5
 
     # where the time went: one row per stage from MLflow's run times, the Inception images they extracted
     times = run([sys.executable, "-m", "stages.times"], smoke_repo)
