@@ -3,7 +3,8 @@
 # stores, an MLflow tracking server on it that serves the artifacts itself, and a Prefect server on it.
 #
 #   services/services.sh start    # idempotent: starts what is not running (make services)
-#   services/services.sh stop     # stops all three; data stays (make services-stop)
+#   services/services.sh start postgres mlflow   # some of them (postgres is started for either server)
+#   services/services.sh stop     # stops all three; data stays (make services-stop); or some: stop mlflow
 #   services/services.sh status
 #   eval "$(services/services.sh env)"   # point the pipeline at them (MLFLOW_TRACKING_URI, PREFECT_API_URL)
 #
@@ -55,7 +56,7 @@ pg_start() {
     if [ "$(psql_admin -c "SELECT 1 FROM pg_roles WHERE rolname = '$PG_USER'")" != 1 ]; then
         psql_admin -c "CREATE ROLE \"$PG_USER\" LOGIN PASSWORD '$PG_PASSWORD'"
     fi
-    for db in "$MLFLOW_DB" "$PREFECT_DB"; do
+    for db in "$MLFLOW_DB" "$PREFECT_DB" "$MLFLOW_AUTH_DB"; do
         if [ "$(psql_admin -c "SELECT 1 FROM pg_database WHERE datname = '$db'")" != 1 ]; then
             as_postgres createdb -p "$PG_PORT" -O "$PG_USER" "$db"
         fi
@@ -110,12 +111,34 @@ mlflow_start() {
         mkdir -p "$MLFLOW_ARTIFACTS_DIR"
         # artifacts go through the server (--artifacts-destination): a client on another machine never writes to
         # its own disk; runs, params and metrics go to PostgreSQL
+        local login=()
+        if [ "$MLFLOW_AUTH" = true ]; then
+            login=(--app-name basic-auth)
+            "$BIN/python" -c "import flask_wtf" 2>/dev/null || die "MLflow's login needs Flask-WTF: run make install (pip install -e '.[team]')"
+            mlflow_auth_config
+        fi
         MLFLOW_DISABLE_TELEMETRY=true launch mlflow "$BIN/mlflow" server --host "$HOST" --port "$MLFLOW_PORT" \
             --backend-store-uri "postgresql+psycopg2://$DB_URL/$MLFLOW_DB" \
-            --artifacts-destination "$MLFLOW_ARTIFACTS_DIR" --workers 2
+            --artifacts-destination "$MLFLOW_ARTIFACTS_DIR" --workers 2 "${login[@]}"
     fi
     wait_for mlflow "$MLFLOW_URL/health" 120
-    say "MLflow server at $MLFLOW_URL (store: PostgreSQL $MLFLOW_DB; artifacts: $MLFLOW_ARTIFACTS_DIR)"
+    say "MLflow server at $MLFLOW_URL (store: PostgreSQL $MLFLOW_DB; artifacts: $MLFLOW_ARTIFACTS_DIR$( \
+        [ "$MLFLOW_AUTH" = true ] && echo "; login required, accounts in PostgreSQL $MLFLOW_AUTH_DB"))"
+}
+
+mlflow_auth_config() {  # the basic-auth app's settings (they hold the admin password: readable by this user only)
+    local secret=$VQPRIOR_SERVICES_DIR/mlflow-secret-key config=$VQPRIOR_SERVICES_DIR/mlflow-auth.ini
+    mkdir -p "$VQPRIOR_SERVICES_DIR"
+    (umask 077
+     # the key that signs the login forms' CSRF tokens: made once, kept across restarts
+     [ -s "$secret" ] || "$BIN/python" -c "import secrets; print(secrets.token_hex(32))" >"$secret"
+     printf '%s\n' "[mlflow]" "default_permission = $MLFLOW_DEFAULT_PERMISSION" \
+         "database_uri = postgresql+psycopg2://$DB_URL/$MLFLOW_AUTH_DB" \
+         "admin_username = $MLFLOW_ADMIN_USER" "admin_password = $MLFLOW_ADMIN_PASSWORD" \
+         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" >"$config")
+    export MLFLOW_AUTH_CONFIG_PATH=$config
+    MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$secret")
+    export MLFLOW_FLASK_SERVER_SECRET_KEY
 }
 
 prefect_start() {
@@ -138,10 +161,17 @@ status() {
 }
 
 case "${1:-}" in
-    start) pg_start; mlflow_start; prefect_start
+    start) shift; wanted=" ${*:-postgres mlflow prefect} "
+           pg_start
+           [[ $wanted == *" mlflow "* ]] && mlflow_start
+           [[ $wanted == *" prefect "* ]] && prefect_start
            say "use them: eval \"\$($0 env)\"" ;;
-    stop) halt prefect; halt mlflow; pg_stop; say "stopped (data kept in $PG_DATA and $VQPRIOR_SERVICES_DIR)" ;;
+    stop) shift; wanted=" ${*:-postgres mlflow prefect} "
+          [[ $wanted == *" prefect "* ]] && halt prefect
+          [[ $wanted == *" mlflow "* ]] && halt mlflow
+          [[ $wanted == *" postgres "* ]] && pg_stop
+          say "stopped (data kept in $PG_DATA and $VQPRIOR_SERVICES_DIR)" ;;
     status) status ;;
     env) echo "export MLFLOW_TRACKING_URI=$MLFLOW_URL"; echo "export PREFECT_API_URL=$PREFECT_URL" ;;
-    *) echo "usage: $0 start|stop|status|env" >&2; exit 2 ;;
+    *) echo "usage: $0 start|stop [postgres|mlflow|prefect ...] | status | env" >&2; exit 2 ;;
 esac
