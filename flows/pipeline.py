@@ -117,11 +117,19 @@ def pipeline(stages: list[str] | None = None, retries: int = 1) -> list[str]:
     return selected
 
 
+# A deployment's flow runs report a heartbeat this often (Prefect's minimum); one silent for SILENT_SECONDS is taken
+# for dead (its worker or machine killed) and marked Crashed, which frees the deployment's one slot for the next run.
+HEARTBEAT_SECONDS = 30
+SILENT_SECONDS = 90
+
+
 def deploy(name: str, pool: str, cron: str, parameters: dict) -> None:
     """Deploy the flow, as it is in this folder, to the process work pool `pool` (created if missing), on `cron`. A
     worker started the standard way (`prefect worker start --pool POOL`) runs it here, and `prefect deployment run
     vqprior-pipeline/NAME` or the UI starts a run. One flow run at a time: DVC allows one `dvc repro` per workspace,
-    so a second run waits for the first (its state reads AwaitingConcurrencySlot meanwhile)."""
+    so a second run waits for the first (its state reads AwaitingConcurrencySlot meanwhile). A run whose worker dies
+    is marked Crashed after SILENT_SECONDS without a heartbeat, and the next run takes the workspace: DVC re-runs the
+    stage that was cut off (a training stage from its last checkpoint) and skips what had finished."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -131,10 +139,44 @@ def deploy(name: str, pool: str, cron: str, parameters: dict) -> None:
         with contextlib.suppress(ObjectAlreadyExists):
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
     here = pipeline.from_source(source=str(Path.cwd().resolve()), entrypoint="flows/pipeline.py:pipeline")
-    here.deploy(name=name, work_pool_name=pool, cron=cron, parameters=parameters, print_next_steps=False,
-                concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE))
+    deployment_id = here.deploy(
+        name=name, work_pool_name=pool, cron=cron, parameters=parameters, print_next_steps=False,
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
+        job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}})
+    crash_silent_runs(name, deployment_id)
     print(f"deployed vqprior-pipeline/{name} to work pool '{pool}' (cron {cron}); start a worker with "
           f"`prefect worker start --pool {pool}`, a run with `prefect deployment run vqprior-pipeline/{name}`")
+
+
+def crash_silent_runs(name: str, deployment_id) -> None:
+    """The automation Prefect documents for zombie flow runs, for this deployment's runs: a run that sent a heartbeat
+    and then neither another one nor a final state within SILENT_SECONDS becomes Crashed. Made anew on each deploy."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    title = f"vqprior-pipeline/{name}: crash runs without a heartbeat"
+    with get_client(sync_client=True) as client:
+        for old in client.read_automations_by_name(title):
+            client.delete_automation(old.id)
+    Automation(
+        name=title,
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=ResourceSpecification({"prefect.resource.id": f"prefect.deployment.{deployment_id}"}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive, threshold=1, within=timedelta(seconds=SILENT_SECONDS)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {SILENT_SECONDS} s: its worker or machine stopped")],
+    ).create()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,6 @@
 """The team services of `make services` (services/services.sh), started for real on 127.0.0.1 with ports and folders of
 the test's own: PostgreSQL from Debian, an MLflow server on it serving the artifacts, a Prefect server on it."""
+import contextlib
 import json
 import os
 import re
@@ -32,6 +33,16 @@ def _as_postgres(*cmd: str) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.getuid() == 0 else ["sudo", "-u", "postgres", *cmd]
 
 
+def _stop_group(process: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM to the process's group; SIGKILL when it has not ended after `grace` seconds (a loaded machine)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
     if shutil.which("pg_createcluster") is None:
@@ -50,7 +61,7 @@ def services(tmp_path_factory):
 
     try:
         services_sh("start")
-        yield SimpleNamespace(run=services_sh, mlflow=f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
+        yield SimpleNamespace(run=services_sh, env=env, mlflow=f"http://127.0.0.1:{ports['MLFLOW_PORT']}",
                               prefect=f"http://127.0.0.1:{ports['PREFECT_PORT']}/api", pg_port=ports["PG_PORT"],
                               artifacts=folder / "mlflow-artifacts")
     finally:
@@ -164,51 +175,167 @@ def _flow_run_states(api_url: str, ids: list[str]) -> list[tuple[str, str]]:
         return [(client.read_flow_run(i).state.type.value, client.read_flow_run(i).state.name) for i in ids]
 
 
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+
+
+def _deployed(services, tmp_path, params: dict, pool: str) -> tuple[Path, dict]:
+    """A copy of the project with `params`, deployed (prepare and train_vqvae) to the process work pool `pool`."""
+    require_fashion_mnist()
+    repo = copy_repo(tmp_path / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {"PREFECT_API_URL": services.prefect, "MLFLOW_TRACKING_URI": services.mlflow}
+    deployed = run([sys.executable, "-m", "flows.pipeline", "--deploy", "--pool", pool, "--name", "test",
+                    "--stages", "prepare", "train_vqvae"], repo, env)
+    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-3000:]
+    return repo, env
+
+
+def _worker(repo: Path, env: dict, pool: str, log: Path) -> subprocess.Popen:
+    """`prefect worker start`, as a user starts it, in its own process group."""
+    with open(log, "a") as out:
+        return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
+                                 "--type", "process"], cwd=repo, env=subprocess_env(repo, env), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _start_run(repo: Path, env: dict) -> str:
+    started = run([str(Path(sys.executable).parent / "prefect"), "deployment", "run", "vqprior-pipeline/test"], repo, env)
+    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+    return re.search(UUID, started.stdout)[0]
+
+
+def _stage_runs(services, flow_run_id: str) -> list[str]:
+    """The stage runs nested under the flow run's MLflow `pipeline` run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(services.mlflow)
+    experiment = client.get_experiment_by_name("vqprior").experiment_id
+    (parent,) = client.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
+    nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return sorted(r.info.run_name for r in nested)
+
+
 def test_a_deployment_runs_on_a_process_worker_one_flow_run_at_a_time(services, tmp_path):
     """`--deploy` to a process work pool, a worker started the standard way, two runs started with `prefect deployment
     run`: both complete, never at the same time (the second waits on the deployment's concurrency limit), and their
     stage runs land in the MLflow server."""
-    from mlflow.tracking import MlflowClient
-
-    require_fashion_mnist()
-    repo = copy_repo(tmp_path / "repo")
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    env = {"PREFECT_API_URL": services.prefect, "MLFLOW_TRACKING_URI": services.mlflow}
-    deployed = run([sys.executable, "-m", "flows.pipeline", "--deploy", "--pool", "vqprior-test", "--name", "test",
-                    "--stages", "prepare", "train_vqvae"], repo, env)
-    assert deployed.returncode == 0, deployed.stdout[-2000:] + deployed.stderr[-3000:]
-    prefect = str(Path(sys.executable).parent / "prefect")
-    with open(tmp_path / "worker.log", "w") as log:
-        worker = subprocess.Popen([prefect, "worker", "start", "--pool", "vqprior-test", "--type", "process"], cwd=repo,
-                                  env=subprocess_env(repo, env), stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)
+    repo, env = _deployed(services, tmp_path, tiny_params(), "vqprior-test")
+    worker = _worker(repo, env, "vqprior-test", tmp_path / "worker.log")
     try:
-        ids = []
-        for _ in range(2):
-            started = run([prefect, "deployment", "run", "vqprior-pipeline/test"], repo, env)
-            assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-            ids.append(re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", started.stdout)[0])
+        ids = [_start_run(repo, env) for _ in range(2)]
         seen, deadline = set(), time.monotonic() + 600
         while True:
             states = _flow_run_states(services.prefect, ids)
             seen |= {name for _, name in states}
             assert [kind for kind, _ in states].count("RUNNING") <= 1, states  # one dvc repro in the workspace
-            if all(kind in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") for kind, _ in states):
+            if all(kind in FINAL for kind, _ in states):
                 break
             assert time.monotonic() < deadline, (states, (tmp_path / "worker.log").read_text()[-3000:])
             time.sleep(1)
         assert [kind for kind, _ in states] == ["COMPLETED", "COMPLETED"], (tmp_path / "worker.log").read_text()[-3000:]
         assert "AwaitingConcurrencySlot" in seen, seen
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
-    client = MlflowClient(services.mlflow)
-    experiment = client.get_experiment_by_name("vqprior").experiment_id
-    children = []
-    for flow_run_id in ids:
-        (parent,) = client.search_runs([experiment], f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-        assert parent.info.run_name == "pipeline" and parent.info.status == "FINISHED"
-        nested = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-        children.append(sorted(r.info.run_name for r in nested))
+        _stop_group(worker)
     # the first flow run ran both stages; the second found them done and DVC skipped them
-    assert sorted(children) == [[], ["prepare", "train_vqvae"]]
+    assert sorted(_stage_runs(services, i) for i in ids) == [[], ["prepare", "train_vqvae"]]
+
+
+def test_a_worker_killed_mid_stage_then_a_new_worker_completes_the_next_run(services, tmp_path):
+    """SIGKILL to a worker and every process under it (its flow run, `dvc repro`, the stage) while `train_vqvae`
+    runs, as when its machine dies: the silent flow run is marked Crashed (the deployment's heartbeat automation),
+    which frees the workspace; a run started meanwhile, picked up by a new worker, completes, DVC running only the
+    stage that was cut off; `dvc status` is clean and the killed stage's MLflow run is closed KILLED."""
+    import psutil
+    from mlflow.tracking import MlflowClient
+
+    params = tiny_params()
+    params["train_vqvae"]["train"].update(epochs=40, patience=40)  # long enough to be killed in the middle
+    repo, env = _deployed(services, tmp_path, params, "vqprior-kill")
+    log = tmp_path / "worker.log"
+    worker = _worker(repo, env, "vqprior-kill", log)
+    client = MlflowClient(services.mlflow)
+    since = f"attributes.start_time > {int(time.time() * 1000)}"
+    try:
+        first = _start_run(repo, env)
+        deadline = time.monotonic() + 300
+        while not (running := [r for e in client.search_experiments(filter_string="name = 'vqprior'") for r in
+                               client.search_runs([e.experiment_id], "attributes.run_name = 'train_vqvae' and "
+                                                  f"attributes.status = 'RUNNING' and {since}")]):
+            assert time.monotonic() < deadline and _flow_run_states(services.prefect, [first])[0][0] not in FINAL, \
+                log.read_text()[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)  # in the middle of its epochs
+        everything = [worker.pid] + [p.pid for p in psutil.Process(worker.pid).children(recursive=True)]
+        for pid in everything:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        worker.wait(timeout=30)
+        assert _flow_run_states(services.prefect, [first]) == [("RUNNING", "Running")]  # what the server last heard
+        killed_stage = running[0].info.run_id
+
+        second = _start_run(repo, env)
+        worker = _worker(repo, env, "vqprior-kill", log)
+        deadline = time.monotonic() + 480
+        while (states := _flow_run_states(services.prefect, [first, second]))[1][0] not in FINAL:
+            assert time.monotonic() < deadline, (states, log.read_text()[-3000:])
+            time.sleep(2)
+    finally:
+        _stop_group(worker)
+    assert [kind for kind, _ in states] == ["CRASHED", "COMPLETED"], (states, log.read_text()[-3000:])
+    assert _stage_runs(services, second) == ["train_vqvae"]  # prepare had finished: DVC skipped it
+    assert client.get_run(killed_stage).info.status == "KILLED"
+    status = run([sys.executable, "-m", "dvc", "status", "train_vqvae"], repo)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr[-2000:]
+
+
+def test_mlflow_login_stops_strangers_in_one_line_and_records_a_members_runs(services, tmp_path, monkeypatch):
+    """`MLFLOW_AUTH=true`: MLflow's basic-auth app, its accounts in PostgreSQL. A stage without a login, or with a
+    wrong password, stops in seconds with one line before any work; an account the admin made runs it, and its run,
+    with the DVC hash of what it wrote, reads back with that login."""
+    from mlflow.server import get_app_client
+    from mlflow.tracking import MlflowClient
+    from stages._tracking import dvc_md5
+
+    require_fashion_mnist()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    folder = tmp_path / "login-services"
+    env = services.env | {"VQPRIOR_SERVICES_DIR": str(folder), "MLFLOW_PORT": str(port), "MLFLOW_AUTH": "true",
+                          "MLFLOW_ADMIN_PASSWORD": "admin-pw-for-the-test", "MLFLOW_DB": "mlflow_login",
+                          "MLFLOW_AUTH_DB": "mlflow_login_accounts"}
+
+    def services_sh(*args):
+        return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+
+    try:
+        started = services_sh("start", "mlflow")
+        assert started.returncode == 0 and "login required" in started.stdout, started.stdout + started.stderr[-2000:]
+        assert (folder / "mlflow-auth.ini").stat().st_mode & 0o077 == 0  # it holds the admin password
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "admin-pw-for-the-test")
+        get_app_client("basic-auth", tracking_uri=url).create_user("alice", "alice-password-for-the-test")
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")  # the stages below see only the login each case gives them
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+
+        repo = copy_repo(tmp_path / "repo")
+        (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+        refusal = (f"error: tracking server {url} refused the login (UNAUTHENTICATED): set MLFLOW_TRACKING_USERNAME and "
+                   "MLFLOW_TRACKING_PASSWORD to an account that may edit the experiment")
+        for login in ({}, {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "wrong"}):
+            t0 = time.monotonic()
+            stranger = run([sys.executable, "-m", "stages.prepare"], repo, {"MLFLOW_TRACKING_URI": url, **login})
+            assert stranger.returncode == 1 and stranger.stderr.strip().splitlines() == [refusal], stranger.stderr
+            assert time.monotonic() - t0 < 60 and not (repo / "data/prepared").exists()
+
+        alice = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-for-the-test"}
+        member = run([sys.executable, "-m", "stages.prepare"], repo, {"MLFLOW_TRACKING_URI": url, **alice})
+        assert member.returncode == 0, member.stderr[-2000:]
+        for key, value in alice.items():
+            monkeypatch.setenv(key, value)
+        client = MlflowClient(url)
+        (prepared,) = client.search_runs([client.get_experiment_by_name("vqprior").experiment_id])
+        assert prepared.info.status == "FINISHED"
+        assert prepared.data.tags["dvc.out.data/prepared"] == dvc_md5(repo / "data/prepared")
+    finally:
+        services_sh("stop", "mlflow")
