@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 
 from vqprior.errors import InputError, VqpriorError
 
@@ -25,6 +26,11 @@ def message(exc: BaseException) -> str | None:
     return None
 
 
+def other_rank() -> bool:
+    """A rank other than 0 of a stage run as several processes (torchrun sets RANK): it neither speaks nor logs."""
+    return os.environ.get("RANK", "0") != "0"
+
+
 def speaks(main):
     """Decorate a stage's main(): a library error ends the process with its one line (SystemExit prints it)."""
 
@@ -36,6 +42,8 @@ def speaks(main):
             line = message(exc)
             if line is None:
                 raise
+            if other_rank():  # every rank meets the same error: rank 0 alone says it
+                raise SystemExit(1) from None
             raise SystemExit(line) from None
 
     return run

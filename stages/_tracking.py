@@ -360,6 +360,11 @@ def tracked_run(stage: str, params):
     or, with `tracking.required: false`, lets it run untracked after one warning."""
     import mlflow
 
+    from stages._cli import other_rank
+
+    if other_rank():  # rank 0 alone logs the stage
+        yield StageRun(None, stage)
+        return
     required = params.tracking.required
     try:
         active = _start_run(stage, params)

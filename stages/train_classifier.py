@@ -8,6 +8,7 @@ import torch
 from stages._cli import speaks
 from stages._tracking import tracked_run
 from stages import _paths as paths
+from vqprior import distributed
 from vqprior.config import load_params
 from vqprior.data.images import load_stats, read_images
 from vqprior.errors import DataError
@@ -31,20 +32,25 @@ def load_split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, runtime, batch_size: int = 1024) -> dict:
-    """Mean cross-entropy and accuracy over the whole split."""
+    """Mean cross-entropy and accuracy over the whole split (each rank scores its share)."""
     model.eval()
     loss = correct = 0.0
+    part = distributed.share(len(x))
+    x, y = x[part], y[part]
     for start in range(0, len(x), batch_size):
         xb, yb = scale_images(x[start : start + batch_size].to(runtime.device)), y[start : start + batch_size].to(runtime.device)
         with runtime.autocast():
             batch_loss, stats = model.loss(xb, yb)
         loss, correct = loss + float(batch_loss) * len(xb), correct + float(stats["acc"]) * len(xb)
-    return {"loss": loss / len(x), "acc": correct / len(x)}
+    loss, correct, n = distributed.all_sum_floats(loss, correct, float(len(x)))
+    return {"loss": loss / n, "acc": correct / n}
 
 
 @speaks
 def main() -> None:
     p = load_params()
+    if distributed.start("stages.train_classifier", p.compute.procs, p.compute.device, p.compute.threads):
+        return
     cfg = p.train_classifier
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)
@@ -53,10 +59,11 @@ def main() -> None:
         num_classes = int(max(y_train.max(), y_val.max(), y_test.max())) + 1
         c, h, w = x_train.shape[1:]
         model = Classifier(cfg.model, in_channels=c, num_classes=num_classes).to(runtime.device)
-        runtime.maybe_compile(model)
+        runtime.optimise(model)
         params = sum(t.numel() for t in model.parameters())
-        print(f"train_classifier: {len(x_train)} images {h}x{w}x{c}, {num_classes} classes, {params:,} params, "
-              f"{runtime.device} {runtime.precision}")
+        if distributed.is_main():
+            print(f"train_classifier: {len(x_train)} images {h}x{w}x{c}, {num_classes} classes, {params:,} params, "
+                  f"{runtime.device} {runtime.precision}")
 
         def step(idx):
             return model.loss(scale_images(x_train[idx].to(runtime.device)), y_train[idx].to(runtime.device))
@@ -66,8 +73,10 @@ def main() -> None:
             seed=p.seed, checkpoint=paths.checkpoint("train_classifier"), monitor="loss", on_epoch=run.log_epoch, desc="train_classifier",
             fingerprint=fingerprint(p.seed, p.compute, cfg, load_stats(paths.PREPARED)["sha256"]),
         )
-        save_model(paths.CLASSIFIER, model, in_channels=c, num_classes=num_classes, image_shape=[h, w, c])
         test = evaluate(model, x_test, y_test, runtime)
+        if not distributed.is_main():  # rank 0 writes the outputs
+            return distributed.finish()
+        save_model(paths.CLASSIFIER, model, in_channels=c, num_classes=num_classes, image_shape=[h, w, c])
         metrics = {
             "test_accuracy": test["acc"], "test_loss": test["loss"],
             "val_accuracy": result.best["val_acc"], "val_loss": result.best["val_loss"],
@@ -80,6 +89,7 @@ def main() -> None:
         paths.checkpoint("train_classifier").unlink(missing_ok=True)
         print(f"train_classifier: test accuracy {test['acc']:.4f} (val {metrics['val_accuracy']:.4f}), "
               f"{metrics['epochs']} epochs in {metrics['train_seconds']:.0f}s")
+    distributed.finish()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from stages._cli import speaks
 from stages._tracking import tracked_run
 from stages import _paths as paths
 from vqprior.codes import read_codes
+from vqprior import distributed
 from vqprior.config import load_params
 from vqprior.errors import ParamsError
 from vqprior.io import write_history_csv, write_report
@@ -22,20 +23,26 @@ HEADLINE = {"nll": "val_nll"}  # metrics/ column -> key; all in reports/
 
 @torch.no_grad()
 def evaluate_prior(prior: Prior, codes: torch.Tensor, labels: torch.Tensor | None, batch_size: int, device) -> dict:
-    """Token-weighted NLL (nats/token), top-1 and top-5 accuracy; given the labels when the prior is conditional."""
+    """Token-weighted NLL (nats/token), top-1 and top-5 accuracy; given the labels when the prior is conditional
+    (each rank scores its share)."""
     prior.eval()
     sums = {"nll": 0.0, "top1": 0.0, "top5": 0.0}
+    part = distributed.share(len(codes))
+    codes, labels = codes[part], None if labels is None else labels[part]
     for start in range(0, len(codes), batch_size):
         batch = codes[start : start + batch_size].to(device)
         _, stats = prior.loss(batch, None if labels is None else labels[start : start + batch_size].to(device))
         for k in sums:
             sums[k] += float(stats[k]) * len(batch)
-    return {k: v / len(codes) for k, v in sums.items()}
+    total = distributed.all_sum_floats(*sums.values(), float(len(codes)))
+    return {k: v / total[-1] for k, v in zip(sums, total)}
 
 
 @speaks
 def main() -> None:
     p = load_params()
+    if distributed.start("stages.train_prior", p.compute.procs, p.compute.device, p.compute.threads):
+        return
     cfg = p.train_prior
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)
@@ -61,11 +68,12 @@ def main() -> None:
         for tag, kind in enumerate(kinds[1:], start=1):
             a_train[torch.from_numpy(train.augmentation == kind)] = tag
         prior = Prior(cfg.model, vocab=train.codebook_size, length=length, augmentations=len(kinds)).to(runtime.device)
-        runtime.maybe_compile(prior)
+        runtime.optimise(prior)
         flips = int((a_train > 0).sum())
-        print(f"train_prior: {len(x_train)} grids ({flips} flipped) of {train.grid[0]}x{train.grid[1]} codes "
-              f"(vocab {train.codebook_size}), {f'{classes} classes' if classes else 'unconditional'}, "
-              f"{prior.num_params():,} params, {runtime.device} {runtime.precision}")
+        if distributed.is_main():
+            print(f"train_prior: {len(x_train)} grids ({flips} flipped) of {train.grid[0]}x{train.grid[1]} codes "
+                  f"(vocab {train.codebook_size}), {f'{classes} classes' if classes else 'unconditional'}, "
+                  f"{prior.num_params():,} params, {runtime.device} {runtime.precision}")
 
         def step(idx):
             labels = None if y_train is None else y_train[idx].to(runtime.device)
@@ -76,6 +84,8 @@ def main() -> None:
             seed=p.seed, checkpoint=paths.checkpoint("train_prior"), monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
             fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta),
         )
+        if not distributed.is_main():  # rank 0 writes the outputs
+            return distributed.finish()
         save_model(paths.PRIOR, prior, vocab=train.codebook_size, length=length, grid=list(train.grid),
                    augmentations=len(kinds), vqvae_sha256=train.meta["vqvae_sha256"])
         best = result.best
@@ -96,6 +106,7 @@ def main() -> None:
         paths.checkpoint("train_prior").unlink(missing_ok=True)
         print(f"train_prior: val NLL {metrics['val_nll']:.3f} nats/token, top-1 {metrics['val_top1']:.3f}, "
               f"top-5 {metrics['val_top5']:.3f}")
+    distributed.finish()
 
 
 if __name__ == "__main__":

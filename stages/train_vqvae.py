@@ -10,6 +10,7 @@ import torch
 from stages._cli import speaks
 from stages._tracking import tracked_run
 from stages import _paths as paths
+from vqprior import distributed
 from vqprior.config import load_params
 from vqprior.errors import ParamsError, TrainingError
 from vqprior.data.images import Normalisation, load_stats, read_images
@@ -29,18 +30,22 @@ EPOCH_GRIDS_DRAFT, EPOCH_GRIDS = Path("checkpoints/train_vqvae_epochs"), Path("r
 
 @torch.no_grad()
 def evaluate_vqvae(model: VQVAE, x: torch.Tensor, batch_size: int, runtime) -> dict:
-    """Reconstruction MSE in [0, 1] pixel units, PSNR, and codebook usage/perplexity over the whole set."""
+    """Reconstruction MSE in [0, 1] pixel units, PSNR, and codebook usage/perplexity over the whole set (each rank
+    scores its share)."""
     model.eval()
     sq_err, counts = 0.0, torch.zeros(model.config.codebook_size, dtype=torch.long)
     commit = 0.0
     to_unit = model.normalisation.to_unit  # errors in [0, 1] pixel units, the decoded image clamped as saved
-    for start in range(0, len(x), batch_size):
-        xb = x[start : start + batch_size].to(runtime.device)
+    part = x[distributed.share(len(x))]
+    for start in range(0, len(part), batch_size):
+        xb = part[start : start + batch_size].to(runtime.device)
         with runtime.autocast():
             recon, codes, c = model(xb)
         sq_err += ((to_unit(recon).clamp(0, 1) - to_unit(xb)) ** 2).sum().item()
         commit += c.item() * len(xb)
         counts += torch.bincount(codes.flatten().cpu(), minlength=len(counts))
+    sq_err, commit = distributed.all_sum_floats(sq_err, commit)
+    counts = distributed.all_sum(counts.to(runtime.device)).cpu()
     mse = sq_err / x.numel()
     usage, perplexity = codebook_stats(counts)
     return {"mse": mse, "psnr": 10 * math.log10(1 / max(mse, 1e-12)), "commit_loss": commit / len(x),
@@ -61,6 +66,8 @@ def reconstruction_grid(model: VQVAE, x: torch.Tensor, path: str | Path, runtime
 @speaks
 def main() -> None:
     p = load_params()
+    if distributed.start("stages.train_vqvae", p.compute.procs, p.compute.device, p.compute.threads):
+        return
     cfg = p.train_vqvae
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)
@@ -75,9 +82,10 @@ def main() -> None:
             raise ParamsError(f"{h}x{w} images do not halve evenly {cfg.model.downsamples} times "
                              f"(train_vqvae.model.downsamples); use at most {fits}, or another data.image_size")
         model = VQVAE(cfg.model, in_channels=c, normalisation=norm).to(runtime.device)
-        runtime.maybe_compile(model.encoder, model.decoder)  # the quantiser's data-dependent updates stay eager
-        print(f"train_vqvae: {len(x_train)} images {h}x{w}x{c} -> {model.grid_size(h, w)} codes, "
-              f"{sum(t.numel() for t in model.parameters()):,} params, {runtime.device} {runtime.precision}")
+        runtime.optimise(model.encoder, model.decoder)  # the quantiser's data-dependent updates stay eager
+        if distributed.is_main():
+            print(f"train_vqvae: {len(x_train)} images {h}x{w}x{c} -> {model.grid_size(h, w)} codes, "
+                  f"{sum(t.numel() for t in model.parameters()):,} params, {runtime.device} {runtime.precision}")
 
         def step(idx):
             x = x_train[idx].to(runtime.device)
@@ -108,10 +116,13 @@ def main() -> None:
         collapsed = collapse_reasons(test_metrics["codebook_usage"], test_metrics["perplexity"], test_metrics["mse"],
                                      mean_image_mse, [e["train_mse"] for e in result.history], cfg.health)
         if collapsed and cfg.health.stop:  # the resume state would only be trained again to the same collapse
-            paths.checkpoint("train_vqvae").unlink(missing_ok=True)
-            shutil.rmtree(EPOCH_GRIDS_DRAFT, ignore_errors=True)
+            if distributed.is_main():
+                paths.checkpoint("train_vqvae").unlink(missing_ok=True)
+                shutil.rmtree(EPOCH_GRIDS_DRAFT, ignore_errors=True)
             raise TrainingError(f"train_vqvae: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr "
                                 "or raise train_vqvae.model.usage_entropy (train_vqvae.health.stop is on: no model written)")
+        if not distributed.is_main():  # rank 0 writes the outputs
+            return distributed.finish()
         if collapsed:
             print(f"train_vqvae: warning: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr or "
                   "raise train_vqvae.model.usage_entropy", flush=True)
@@ -137,6 +148,7 @@ def main() -> None:
         paths.checkpoint("train_vqvae").unlink(missing_ok=True)
         print(f"train_vqvae: test MSE {metrics['test_mse']:.5f} (PSNR {metrics['test_psnr']:.2f} dB), "
               f"usage {metrics['codebook_usage']:.3f}, perplexity {metrics['perplexity']:.1f}")
+    distributed.finish()
 
 
 if __name__ == "__main__":

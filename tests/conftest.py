@@ -3,6 +3,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,15 @@ def subprocess_env(cwd: Path, env: dict | None = None) -> dict:
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(cwd, env), capture_output=True, text=True, timeout=timeout)
+
+
+def wait_until(ready, proc: subprocess.Popen, what: str, timeout: float = 300, poll: float = 0.02) -> None:
+    """Wait for `ready()` while `proc` runs: ending first, or `timeout` seconds, fails the test."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"{what} ended first"
+        assert time.monotonic() < deadline, f"{what}: not ready after {timeout} s"
+        time.sleep(poll)
 
 
 @pytest.fixture(scope="session")

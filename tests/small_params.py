@@ -5,7 +5,7 @@ from vqprior.config import ComputeParams, PriorModelParams, VQVAEModelParams
 
 def cpu(**changes) -> ComputeParams:
     """The CPU in fp32 (or what `changes` say), torch's own thread count, no compilation."""
-    return ComputeParams(**{"device": "cpu", "precision": "fp32", "threads": 0, "compile": False, **changes})
+    return ComputeParams(**{"device": "cpu", "precision": "fp32", "threads": 0, "compile": False, "procs": 1, **changes})
 
 
 SMALL_VQ = VQVAEModelParams(channels=16, res_blocks=1, encoder_res_blocks=None, downsamples=2, codebook_size=16,

@@ -166,6 +166,12 @@ BAD_PARAMS = [
      "fix it and run again"),
     ("repeated sweep value", _yaml("sweep.temperature", [1.0, 1.0]),
      "params.yaml: 'sweep': Value error, temperature lists a value twice: [1.0, 1.0]; fix it and run again"),
+    ("batch smaller than procs", yaml.safe_dump(_set(_set(tiny_params(), "compute.procs", 4),
+                                                     "train_prior.train.batch_size", 2)),
+     "params.yaml: train_prior.train.batch_size (2) is smaller than compute.procs (4): each process needs a share of "
+     "every batch; lower procs; fix it and run again"),
+    ("procs zero", _yaml("compute.procs", 0),
+     "params.yaml: 'compute.procs': Input should be greater than or equal to 1 (got 0); fix it and run again"),
     ("cuda without a GPU", _yaml("compute.device", "cuda"),
      "compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'"),
 ]

@@ -11,16 +11,22 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_repo, require_fashion_mnist, run, subprocess_env
+from conftest import copy_repo, require_fashion_mnist, run, subprocess_env, wait_until
 from test_faults import tiny_params
 
 EPOCHS = 4
 
 
-def test_killed_vqvae_stage_resumes_to_identical_weights(tmp_path):
+@pytest.mark.parametrize("procs", [1, 2], ids=["1-process", "2-processes"])
+def test_killed_vqvae_stage_resumes_to_identical_weights(procs, tmp_path):
+    """With 2 processes (compute.procs), the launcher alone is killed: its ranks must die with it, and the resumed
+    ranks each draw their random flips on from where they were."""
     repo = copy_repo(tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train_vqvae"]["train"]["epochs"] = EPOCHS
+    if procs > 1:
+        params["compute"] |= {"procs": procs, "precision": "fp32"}
+        params["train_vqvae"]["hflip"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     assert run([sys.executable, "-m", "dvc", "repro", "prepare"], repo).returncode == 0
     stage = [sys.executable, "-m", "stages.train_vqvae"]
@@ -32,14 +38,19 @@ def test_killed_vqvae_stage_resumes_to_identical_weights(tmp_path):
 
     # a real kill (SIGKILL, no clean-up code runs) as soon as the first epoch's checkpoint is on disk
     checkpoint = repo / "checkpoints/train_vqvae.pt"
-    proc = subprocess.Popen(stage, cwd=repo, env=subprocess_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while not checkpoint.exists():
-        assert proc.poll() is None, "the stage ended before writing a checkpoint"
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    proc = subprocess.Popen(stage, cwd=repo, env=subprocess_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    wait_until(checkpoint.exists, proc, "the stage, before writing a checkpoint,")
     proc.kill()
     proc.wait()
+    deadline = time.monotonic() + 20
+    while True:  # nothing of the stage lives on in its process group
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "the stage's ranks outlived their launcher"
+        time.sleep(0.1)
     killed_after = torch.load(checkpoint, weights_only=False)["epoch"]
     assert 1 <= killed_after < EPOCHS
     assert not (repo / "models/vqvae.pt").exists()
@@ -91,11 +102,7 @@ def test_sigkill_under_dvc_repro_then_dvc_repro_ends_as_uninterrupted(dvc_projec
     killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", stage], cwd=repo,
                               env=subprocess_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not ready(repo):
-        assert killed.poll() is None, f"{stage} ended before the kill"
-        assert time.monotonic() < deadline
-        time.sleep(0.002)
+    wait_until(lambda: ready(repo), killed, f"{stage}, before the kill,", poll=0.002)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
 

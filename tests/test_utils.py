@@ -100,12 +100,31 @@ def test_compile_option_keeps_names_and_outputs():
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.Linear(8, 2))
     x = torch.randn(3, 4)
     eager, names = model(x), list(model.state_dict())
-    resolve_runtime(cpu(compile=False)).maybe_compile(model)
+    resolve_runtime(cpu(compile=False)).optimise(model)
     assert model._compiled_call_impl is None
-    resolve_runtime(cpu(compile=True)).maybe_compile(model)
+    resolve_runtime(cpu(compile=True)).optimise(model)
     assert model._compiled_call_impl is not None
     assert list(model.state_dict()) == names  # checkpoints load into compiled and eager models alike
     torch.testing.assert_close(model(x), eager)
+
+
+def test_channels_last_keeps_names_and_outputs():
+    """The layout CUDA runs convolutions in (set by resolve_runtime there), checked here on the CPU."""
+    from dataclasses import replace
+
+    from small_params import SMALL_VQ
+    from vqprior.models.vqvae import VQVAE
+
+    torch.manual_seed(0)
+    model, x = VQVAE(SMALL_VQ).eval(), torch.rand(2, 1, 28, 28)
+    eager, state = model(x)[0], {k: v.clone() for k, v in model.state_dict().items()}
+    replace(resolve_runtime(cpu()), channels_last=True).optimise(model)
+    assert model.encoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(model(x)[0], eager, atol=1e-5, rtol=1e-4)
+    fresh = VQVAE(SMALL_VQ)
+    fresh.load_state_dict(model.state_dict())  # a channels-last checkpoint loads into an eager model
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
+    assert not resolve_runtime(cpu()).channels_last  # the CPU keeps NCHW (oneDNN picks its own layout)
 
 
 def test_grid_png_layout(tmp_path):

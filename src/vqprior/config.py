@@ -40,6 +40,7 @@ class ComputeParams(Section):
     precision: Literal["auto", "fp32", "bf16"]
     threads: int = Field(ge=0)
     compile: bool
+    procs: int = Field(ge=1, le=64)
 
 
 class PrepareParams(Section):
@@ -226,6 +227,10 @@ class Params(Section):
         if self.prepare.max_test is not None and self.evaluate.num_reference > self.prepare.max_test:
             raise ValueError(f"evaluate.num_reference ({self.evaluate.num_reference}) is more than the "
                              f"prepare.max_test ({self.prepare.max_test}) test images kept: lower it or raise max_test")
+        for stage in ("train_vqvae", "train_classifier", "train_prior"):
+            if (batch := getattr(self, stage).train.batch_size) < self.compute.procs:
+                raise ValueError(f"{stage}.train.batch_size ({batch}) is smaller than compute.procs "
+                                 f"({self.compute.procs}): each process needs a share of every batch; lower procs")
         return self
 
     @model_validator(mode="after")

@@ -49,11 +49,15 @@ class Runtime:
     device: torch.device
     precision: str  # "fp32" or "bf16"
     compile: bool = False
+    channels_last: bool = False  # on CUDA: convolutions in NHWC, the layout tensor cores read without a transpose
 
-    def maybe_compile(self, *modules: torch.nn.Module) -> None:
-        """torch.compile in place (parameter names unchanged, so checkpoints stay interchangeable)."""
-        if self.compile:
-            for module in modules:
+    def optimise(self, *modules: torch.nn.Module) -> None:
+        """Channels-last convolution weights where set (the activations follow them), then torch.compile where asked,
+        both in place (parameter names unchanged, so checkpoints stay interchangeable)."""
+        for module in modules:
+            if self.channels_last and any(isinstance(m, torch.nn.Conv2d) for m in module.modules()):
+                module.to(memory_format=torch.channels_last)
+            if self.compile:
                 module.compile()
 
     def autocast(self):
@@ -76,8 +80,10 @@ def resolve_runtime(p: ComputeParams) -> Runtime:
         device = torch.device(p.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ParamsError("compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    if device.type == "cuda" and device.index is None:  # each rank of a multi-GPU run has its own GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     precision = resolve_precision(p.precision, device)
-    return Runtime(device=device, precision=precision, compile=p.compile)
+    return Runtime(device=device, precision=precision, compile=p.compile, channels_last=device.type == "cuda")
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -13,8 +13,9 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .config import TrainParams
-from .errors import InputError, TrainingError
+from .errors import InputError, ParamsError, TrainingError
 from .models import load_state, save_state
 from .runtime import Runtime
 
@@ -86,7 +87,14 @@ def fit(
     The best weights (lowest `monitor`) are restored into `model` at the end. A checkpoint is resumed only
     if its `fingerprint` (a hash of the params and inputs) matches, so a crashed run with other params is
     never continued by mistake.
+
+    Under several ranks (vqprior.distributed) each rank steps on its share of every batch of the one schedule, the
+    gradients, the loss and the stats are the whole batch's, `evaluate()` must return whole-set metrics (each rank
+    scoring its share), and rank 0 alone prints, calls `on_epoch` and writes the checkpoint.
     """
+    if p.batch_size < distributed.world():
+        raise ParamsError(f"{desc}: train.batch_size {p.batch_size} is smaller than compute.procs {distributed.world()}; "
+                          "every process needs at least one example of each batch")
     opt = adamw(model, p)
     steps_per_epoch = max(1, train_size // p.batch_size)
     total = steps_per_epoch * p.epochs
@@ -95,17 +103,25 @@ def fit(
         state = load_state(checkpoint, desc) if checkpoint.exists() else None
     except InputError as exc:
         raise TrainingError(f"{desc}: {checkpoint} {exc.problem}; delete it to train from the start") from None
+    main = distributed.is_main()
     if state is not None and state.get("fingerprint") != fingerprint:
-        print(f"{desc}: ignoring {checkpoint}: it was written with other params or inputs")
+        if main:
+            print(f"{desc}: ignoring {checkpoint}: it was written with other params or inputs")
         state = None
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        # each rank's own generator (dropout, flips); the fingerprint holds compute.procs, so the count matches
+        torch.set_rng_state(state.get("torch_rng_ranks", [state["torch_rng"]])[distributed.rank()])
         result.history, result.best, bad_epochs = state["history"], state["best"], state["bad_epochs"]
         best_state, start_epoch = state["best_model"], state["epoch"]
         result.seconds = state["seconds"]
-        print(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}")
+        if main:
+            print(f"{desc}: resuming from {checkpoint} after epoch {start_epoch}")
+    elif distributed.world() > 1:
+        distributed.sync_model(model)  # equal weights on every rank, as DDP starts
+        if not main:  # rank 0 draws what one process would; the others' flips and dropout must differ from its
+            torch.manual_seed(torch.initial_seed() + 7919 * distributed.rank())
 
     for epoch in range(start_epoch, p.epochs):
         if bad_epochs >= p.patience:
@@ -114,29 +130,39 @@ def fit(
         model.train()
         sums: dict[str, float] = {}
         bar = tqdm(batches(train_size, p.batch_size, seed, epoch), total=steps_per_epoch, desc=f"{desc} {epoch + 1}/{p.epochs}",
-                   leave=False, disable=None, dynamic_ncols=True)
+                   leave=False, disable=None if main else True, dynamic_ncols=True)
         for i, idx in enumerate(bar):
+            part = idx[distributed.share(len(idx))]
             step = epoch * steps_per_epoch + i
             for group in opt.param_groups:
                 group["lr"] = p.lr * lr_factor(step, total, p.warmup_steps)
             with runtime.autocast():
-                loss, stats = train_step(idx)
-            if not torch.isfinite(loss):
+                loss, stats = train_step(part)
+            if distributed.world() > 1:  # the whole batch's loss and stats: each share's mean weighted by its size
+                weight = len(part) / len(idx)
+                total_loss, *values = distributed.all_sum_floats(*(float(v) * weight for v in (loss.detach(), *stats.values())))
+                loss_value, stats = torch.tensor(total_loss), dict(zip(stats, values))
+            else:
+                loss_value = loss
+            if not torch.isfinite(loss_value):
                 raise TrainingDiverged(
-                    f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {i}{non_finite_terms(stats)}; the last "
+                    f"{desc}: loss is {loss_value.item()} at epoch {epoch + 1}, step {i}{non_finite_terms(stats)}; the last "
                     f"good checkpoint is kept at {checkpoint if checkpoint.exists() else '(none yet)'}; "
                     + ("lower that term's weight or train.lr" if non_finite_terms(stats) else "lower train.lr or train.grad_clip")
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if distributed.world() > 1:
+                distributed.average_gradients(model, len(part) / len(idx))
             if p.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
             opt.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             if i % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{loss_value.item():.4f}")
         model.eval()
+        distributed.sync_buffers(model)
         with torch.no_grad(), runtime.autocast():
             val = evaluate()
         if not math.isfinite(val[monitor]):  # a NaN would never compare as worse and could become the "best" epoch
@@ -156,11 +182,16 @@ def fit(
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
+        rng = {"torch_rng": torch.get_rng_state()}
+        if distributed.world() > 1:
+            rng["torch_rng_ranks"] = distributed.all_gather_object(rng["torch_rng"])
+        if not main:
+            continue
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "epoch_seconds")
         print(f"{desc} epoch {epoch + 1}/{p.epochs}  {shown}  ({metrics['epoch_seconds']:.0f}s)", flush=True)
         on_epoch(epoch + 1, metrics)
         save_state({
-            "model": model.state_dict(), "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+            "model": model.state_dict(), "optimizer": opt.state_dict(), **rng,
             "history": result.history, "best": result.best, "bad_epochs": bad_epochs,
             "best_model": best_state, "epoch": epoch + 1, "seconds": result.seconds, "fingerprint": fingerprint,
         }, checkpoint)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
+
 CHUNK = 4096  # rows of distances at a time: 4096 x 512 codes stays in cache
 ENTROPY_SAMPLE = 4096  # encoder outputs per step for the usage-entropy term: the batch's 25k cost ~45 % more per step
 
@@ -50,8 +52,7 @@ class EMAQuantizer(nn.Module):
         return F.normalize(x, dim=-1) if self.l2_normalize else x
 
     @torch.no_grad()
-    def _init_from(self, flat: torch.Tensor) -> None:
-        """k-means on the first batch's encoder outputs, so every code starts where the data is."""
+    def _kmeans(self, flat: torch.Tensor) -> torch.Tensor:
         centres = flat[torch.randint(len(flat), (self.codebook_size,), device=flat.device)]
         for _ in range(self.kmeans_iters):
             assign = nearest_centre(flat, centres)
@@ -59,6 +60,12 @@ class EMAQuantizer(nn.Module):
             # an empty cluster keeps its old centre
             centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
             centres = self._norm(centres)
+        return centres
+
+    @torch.no_grad()
+    def _init_from(self, flat: torch.Tensor) -> None:
+        """k-means on the first batch's encoder outputs (all ranks' shares), so every code starts where the data is."""
+        centres = distributed.decided_once(flat, self._kmeans, (self.codebook_size, self.dim))
         self.codebook.copy_(centres)
         self.embed_sum.copy_(centres)
         self.cluster_size.fill_(1.0)
@@ -67,6 +74,9 @@ class EMAQuantizer(nn.Module):
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor) -> None:
         counts, sums = cluster_sums(flat, codes, self.codebook_size)
+        # the whole batch's counts and sums: ranks that each averaged their own would drift apart
+        distributed.all_sum(counts)
+        distributed.all_sum(sums)
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         n = self.cluster_size.sum()
@@ -76,8 +86,9 @@ class EMAQuantizer(nn.Module):
         self.steps_unused.add_(1).masked_fill_(counts > 0, 0)
         dead = (self.steps_unused >= self.dead_code_steps).nonzero().squeeze(1)
         if len(dead):
-            # revive unused codes on random current encoder outputs
-            picks = flat[torch.randint(len(flat), (len(dead),), device=flat.device)]
+            # revive unused codes on random current encoder outputs (of the whole batch, drawn once)
+            picks = distributed.decided_once(flat, lambda rows: rows[torch.randint(len(rows), (len(dead),),
+                                                                                   device=rows.device)], (len(dead), self.dim))
             self.codebook[dead] = picks
             self.embed_sum[dead] = picks
             self.cluster_size[dead] = 1.0
