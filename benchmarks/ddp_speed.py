@@ -81,7 +81,7 @@ def _rank(rank: int, world: int, port: int, kind: str, steps: int, params_file: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    distributed.start("unused", world, "cpu", 0)
+    distributed.start("unused", load_params(params_file).compute.model_copy(update={"procs": world, "device": "cpu"}))
     result = train(kind, steps, params_file, out)
     if distributed.is_main():
         torch.save(result, out / f"{kind}_ranks.pt")

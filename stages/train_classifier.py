@@ -49,8 +49,8 @@ def evaluate(model: Classifier, x: torch.Tensor, y: torch.Tensor, runtime, batch
 @speaks
 def main() -> None:
     p = load_params()
-    if distributed.start("stages.train_classifier", p.compute.procs, p.compute.device, p.compute.threads):
-        return
+    if (ranks_status := distributed.start("stages.train_classifier", p.compute)) is not None:
+        raise SystemExit(ranks_status)  # this process launched the ranks, which did the work
     cfg = p.train_classifier
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)

@@ -41,8 +41,8 @@ def evaluate_prior(prior: Prior, codes: torch.Tensor, labels: torch.Tensor | Non
 @speaks
 def main() -> None:
     p = load_params()
-    if distributed.start("stages.train_prior", p.compute.procs, p.compute.device, p.compute.threads):
-        return
+    if (ranks_status := distributed.start("stages.train_prior", p.compute)) is not None:
+        raise SystemExit(ranks_status)  # this process launched the ranks, which did the work
     cfg = p.train_prior
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)

@@ -66,8 +66,8 @@ def reconstruction_grid(model: VQVAE, x: torch.Tensor, path: str | Path, runtime
 @speaks
 def main() -> None:
     p = load_params()
-    if distributed.start("stages.train_vqvae", p.compute.procs, p.compute.device, p.compute.threads):
-        return
+    if (ranks_status := distributed.start("stages.train_vqvae", p.compute)) is not None:
+        raise SystemExit(ranks_status)  # this process launched the ranks, which did the work
     cfg = p.train_vqvae
     runtime = resolve_runtime(p.compute)
     seed_everything(p.seed)

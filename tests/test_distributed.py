@@ -78,7 +78,7 @@ def _rank(rank: int, world: int, port: int, kind: str, out: Path) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    assert distributed.start("unused", world, "cpu", 1) is False  # joins the group as this rank
+    assert distributed.start("unused", cpu(procs=world)) is None  # joins the group as this rank
     assert (distributed.rank(), distributed.world()) == (rank, world)
     result = train(kind, out / f"checkpoint_rank{rank}.pt")  # a rank that wrote would leave its own file
     torch.save(result, out / f"result_rank{rank}.pt")
@@ -117,7 +117,7 @@ def _nan_rank(rank: int, port: int, out: Path) -> None:
     """A toy fit whose loss turns NaN on rank 1's share alone, at the 6th step (epoch 2 of 4-step epochs)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
-    distributed.start("unused", 2, "cpu", 1)
+    distributed.start("unused", cpu(procs=2))
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     model, steps = torch.nn.Linear(4, 1), [0]
 
@@ -183,3 +183,19 @@ def test_training_stages_under_dvc_repro_run_as_two_processes_and_rank_0_reports
     status = run([sys.executable, "-m", "dvc", "status", "train_prior", "train_classifier"], repo)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
     assert not list((repo / "checkpoints").glob("*.pt"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_stages_on_gpus_in_bf16(tmp_path):
+    """The CUDA path: bf16 autocast, channels-last, and with two GPUs or more two NCCL ranks."""
+    require_fashion_mnist()
+    repo = copy_repo(tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["compute"] |= {"device": "cuda", "precision": "auto", "procs": min(2, torch.cuda.device_count())}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    done = run([sys.executable, "-m", "dvc", "repro", "train_prior", "train_classifier"], repo)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage in ("train_vqvae", "train_classifier", "train_prior"):
+        report = json.loads((repo / f"reports/{stage}_detail.json").read_text())
+        assert (report["device"], report["precision"]) == ("cuda", "bf16"), stage

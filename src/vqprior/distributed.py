@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .config import ComputeParams
 from .errors import ParamsError
 
 # a rank that waits longer than this at a collective call has lost its peers (one died without the launcher noticing)
@@ -44,26 +45,29 @@ def _ranks_die_with_launcher() -> None:
             pass
 
 
-def start(module: str, procs: int, device: str, threads: int) -> bool:
+def start(module: str, compute: ComputeParams) -> int | None:
     """Call first in a training stage's main(). In a rank started by torchrun (ours or the user's own), join the
-    process group and return False: the stage goes on as that rank. With `procs` > 1 and no launcher yet, run
+    process group and return None: the stage goes on as that rank. With `procs` > 1 and no launcher yet, run
     `python -m module` as `procs` ranks (what `torchrun --standalone --nproc_per_node procs` does, on 127.0.0.1),
-    wait for them and return True: the caller returns. Otherwise return False: one process, nothing to do."""
+    wait for them and return their exit status (0, or a failed rank's, which has said why on stderr): the caller
+    exits with it. Otherwise return None: one process, nothing to do."""
+    procs, device, threads = compute.procs, compute.device, compute.threads
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _ranks_die_with_launcher()
         cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
-        return False
+        return None
     if procs <= 1:
-        return False
+        return None
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if device == "cuda" and torch.cuda.device_count() < procs:
-        raise ParamsError(f"compute.procs is {procs} but {torch.cuda.device_count()} CUDA GPUs are visible; "
-                          "use at most one process per GPU")
+    gpus = torch.cuda.device_count() if device in ("auto", "cuda") else 0
+    if 0 < gpus < procs:
+        raise ParamsError(f"compute.procs is {procs} but {gpus} CUDA GPUs are visible; use at most one process per "
+                          "GPU, or compute.device cpu")
     # one rank per core share: torch's default of all cores per rank would oversubscribe the machine
     os.environ.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // procs)))
     if os.path.isdir("/sys/class/net/lo"):  # gloo finds its peers on loopback, whatever the hostname resolves to
@@ -78,8 +82,8 @@ def start(module: str, procs: int, device: str, threads: int) -> bool:
         elastic_launch(config, sys.executable)("-m", module)
     except ChildFailedError as failure:  # the failing rank has said why on stderr
         codes = [f.exitcode for f in failure.failures.values()]
-        raise SystemExit(next((c for c in codes if c and c > 0), 1)) from None
-    return True
+        return next((c for c in codes if c and c > 0), 1)
+    return 0
 
 
 def finish() -> None:
