@@ -11,7 +11,8 @@ from stages import _paths as paths
 from vqprior.codes import read_codes
 from vqprior import distributed
 from vqprior.config import load_params
-from vqprior.errors import ParamsError
+from vqprior.errors import ParamsError, TrainingError
+from vqprior.health import code_frequency_nll, collapse_line, prior_collapse
 from vqprior.io import write_history_csv, write_report
 from vqprior.models import save_model
 from vqprior.models.prior import Prior
@@ -84,8 +85,19 @@ def main() -> None:
             seed=p.seed, checkpoint=paths.checkpoint("train_prior"), monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
             fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta),
         )
+        frequency_nll = code_frequency_nll(x_train, x_val, train.codebook_size)
+        collapsed = prior_collapse(result.best["val_nll"], frequency_nll, [e["train_nll"] for e in result.history],
+                                   cfg.health)
+        advice = "lower train_prior.train.lr or train longer (train_prior.train.epochs)"
+        if collapsed and cfg.health.stop:  # the resume state would only be trained again to the same collapse
+            if distributed.is_main():
+                paths.checkpoint("train_prior").unlink(missing_ok=True)
+            raise TrainingError(f"train_prior: {collapse_line(collapsed, advice)} "
+                                "(train_prior.health.stop is on: no model written)")
         if not distributed.is_main():  # rank 0 writes the outputs
             return distributed.finish()
+        if collapsed:
+            print(f"train_prior: warning: {collapse_line(collapsed, advice)}", flush=True)
         save_model(paths.PRIOR, prior, vocab=train.codebook_size, length=length, grid=list(train.grid),
                    augmentations=len(kinds), vqvae_sha256=train.meta["vqvae_sha256"])
         best = result.best
@@ -94,6 +106,7 @@ def main() -> None:
         metrics = {
             "val_nll": best["val_nll"], "val_top1": best["val_top1"], "val_top5": best["val_top5"],
             "val_bits_per_dim": best["val_nll"] * length / (dims * math.log(2)),
+            "frequency_nll": frequency_nll, "collapsed": bool(collapsed),
             "params": prior.num_params(), "num_classes": classes, "train_rows": len(x_train),
             "epochs": result.epochs, "best_epoch": best["epoch"],
             "stopped_early": result.stopped_early, "train_seconds": round(result.seconds, 1),

@@ -13,12 +13,13 @@ from stages import _paths as paths
 from vqprior import distributed
 from vqprior.config import load_params
 from vqprior.errors import ParamsError, TrainingError
+from vqprior.health import collapse_line, vqvae_collapse
 from vqprior.data.images import Normalisation, load_stats, read_images
 from vqprior.grids import save_grid
 from vqprior.io import write_history_csv, write_report
 from vqprior.models import save_model
 from vqprior.models.quantizer import codebook_stats
-from vqprior.models.vqvae import VQVAE, collapse_reasons
+from vqprior.models.vqvae import VQVAE
 from vqprior.runtime import resolve_runtime, seed_everything
 from vqprior.training import fingerprint, fit
 
@@ -113,19 +114,19 @@ def main() -> None:
         test_metrics = evaluate_vqvae(model, x_test, 1024, runtime)
         # the floor a decoder that ignores its codes reaches: the mean training image for every test image
         mean_image_mse = float(((norm.to_unit(x_test) - norm.to_unit(x_train).mean(0, keepdim=True)) ** 2).mean())
-        collapsed = collapse_reasons(test_metrics["codebook_usage"], test_metrics["perplexity"], test_metrics["mse"],
-                                     mean_image_mse, [e["train_mse"] for e in result.history], cfg.health)
+        collapsed = vqvae_collapse(test_metrics["codebook_usage"], test_metrics["perplexity"], test_metrics["mse"],
+                                   mean_image_mse, [e["train_mse"] for e in result.history], cfg.health)
+        advice = "lower train_vqvae.train.lr or raise train_vqvae.model.usage_entropy"
         if collapsed and cfg.health.stop:  # the resume state would only be trained again to the same collapse
             if distributed.is_main():
                 paths.checkpoint("train_vqvae").unlink(missing_ok=True)
                 shutil.rmtree(EPOCH_GRIDS_DRAFT, ignore_errors=True)
-            raise TrainingError(f"train_vqvae: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr "
-                                "or raise train_vqvae.model.usage_entropy (train_vqvae.health.stop is on: no model written)")
+            raise TrainingError(f"train_vqvae: {collapse_line(collapsed, advice)} "
+                                "(train_vqvae.health.stop is on: no model written)")
         if not distributed.is_main():  # rank 0 writes the outputs
             return distributed.finish()
         if collapsed:
-            print(f"train_vqvae: warning: the model collapsed ({'; '.join(collapsed)}); lower train_vqvae.train.lr or "
-                  "raise train_vqvae.model.usage_entropy", flush=True)
+            print(f"train_vqvae: warning: {collapse_line(collapsed, advice)}", flush=True)
         save_model(paths.VQVAE, model, in_channels=c, image_shape=[h, w, c], normalisation=norm.as_dict())
         metrics = {
             "test_mse": test_metrics["mse"], "test_psnr": test_metrics["psnr"],

@@ -299,26 +299,38 @@ def test_damaged_input_gives_one_line_and_touches_nothing_else(project, monkeypa
     assert snapshot(project) == before  # no output written, none removed, no temporary file left
 
 
-def test_training_collapse_is_reported_and_stops_when_asked(project, monkeypatch, capsys):
-    """A perplexity threshold above the codebook's size stands in for a collapsed codebook: reported by default, fatal
-    on request. (This one-epoch model is also no better than the mean image, which is reported too.)"""
+@pytest.mark.parametrize("stage, threshold, value, first_reason", [
+    # a perplexity threshold above the codebook's size stands in for a collapsed codebook
+    ("train_vqvae", "min_perplexity", 1000.0, "perplexity "),
+    # a gain over the code-frequency baseline no prior reaches stands in for one that learnt no structure
+    ("train_prior", "min_gain", 0.99, "validation NLL "),
+])
+def test_training_collapse_is_reported_and_stops_when_asked(project, monkeypatch, capsys, stage, threshold, value,
+                                                            first_reason):
+    """Reported by default (the output's one warning line, `collapsed` in the metrics), fatal on request with one line
+    and nothing written. (The one-epoch VQ-VAE is also no better than the mean image, which is reported too.)"""
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["train_vqvae"]["health"].update(min_perplexity=1000.0)
+    params[stage]["health"].update({threshold: value})
     (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert run_main("train_vqvae", project, monkeypatch) is None
-    metrics = stage_report(project, "train_vqvae")  # the headline file and the detail beside it
-    assert metrics["collapsed"] is True and metrics["mean_image_mse"] > 0
+    assert run_main(stage, project, monkeypatch) is None
+    metrics = stage_report(project, stage)  # the headline file and the detail beside it
+    assert metrics["collapsed"] is True
     warning = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
-    assert len(warning) == 1 and warning[0].startswith("train_vqvae: warning: the model collapsed (perplexity ")
-    assert "< train_vqvae.health.min_perplexity 1000.0" in warning[0]
-    no_better = metrics["test_mse"] >= metrics["mean_image_mse"]
-    assert ("no better than the mean image" in warning[0]) == no_better
-    params["train_vqvae"]["health"].update(stop=True)
+    assert len(warning) == 1 and warning[0].startswith(f"{stage}: warning: the model collapsed ({first_reason}")
+    assert f"{stage}.health.{threshold} {value}" in warning[0]
+    if stage == "train_vqvae":
+        assert metrics["mean_image_mse"] > 0
+        no_better = metrics["test_mse"] >= metrics["mean_image_mse"]
+        assert ("no better than the mean image" in warning[0]) == no_better
+    else:
+        assert f"validation NLL {metrics['val_nll']:.4f} is not" in warning[0] and metrics["frequency_nll"] > 0
+    params[stage]["health"].update(stop=True)
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     before = snapshot(project)
-    line = run_main("train_vqvae", project, monkeypatch)
-    assert line.startswith("error: train_vqvae: the model collapsed (perplexity ") and "< train_vqvae.health" in line
-    assert line.endswith("(train_vqvae.health.stop is on: no model written)") and "\n" not in line
+    line = run_main(stage, project, monkeypatch)
+    assert line.startswith(f"error: {stage}: the model collapsed ({first_reason}")
+    assert f"{stage}.health.{threshold} {value}" in line
+    assert line.endswith(f"({stage}.health.stop is on: no model written)") and "\n" not in line
     assert snapshot(project) == before
 
 

@@ -46,6 +46,9 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert metrics["train_vqvae"]["test_mse"] < 0.05 and metrics["train_vqvae"]["epochs"] == 3
     assert metrics["extract_codes"]["images"] == 3500
     assert 0 < metrics["train_prior"]["val_nll"] < np.log(64)  # better than uniform over 64 codes
+    # the health checks leave models that trained normally unflagged
+    assert metrics["train_vqvae"]["collapsed"] is False and metrics["train_prior"]["collapsed"] is False
+    assert metrics["train_prior"]["val_nll"] < 0.95 * metrics["train_prior"]["frequency_nll"]
     # where the prior's NLL goes: its per-code val NLL averages to train_prior's own (the saved, best weights)
     nll = stage_report(smoke_repo, "analyse_prior")
     assert nll["val_nll"] == pytest.approx(metrics["train_prior"]["val_nll"], abs=2e-3)

@@ -1,8 +1,13 @@
-"""The Transformer prior: causality, the KV cache, attention dropout, token noise, class conditioning, augmentation tags."""
+"""The Transformer prior: causality, the KV cache, attention dropout, token noise, class conditioning, augmentation tags,
+and when a trained one counts as collapsed."""
+import math
+
 import pytest
 import torch
 
 from small_params import SMALL_PRIOR
+from vqprior.config import PriorHealthParams
+from vqprior.health import code_frequency_nll, prior_collapse
 from vqprior.models import save_model
 from vqprior.models.prior import KVCache, Prior, attention, load_prior
 
@@ -138,3 +143,23 @@ def test_augmentation_tag_marks_flipped_rows_and_sampling_draws_originals(tmp_pa
     assert loaded.augmentations == 2 and torch.equal(loaded(inputs, labels=labels)[0], original)
     # a prior without augmented rows has no tag embedding: its parameters are as before
     assert Prior(COND_PRIOR, vocab=16, length=10).aug is None
+
+
+def test_code_frequency_baseline_is_the_validation_nll_of_smoothed_training_frequencies():
+    train, val = torch.tensor([[0, 0], [0, 1]]), torch.tensor([[0, 1]])
+    # add-one counts 4 and 2 of 6: p(0) = 2/3, p(1) = 1/3; code 2 never seen gets 1/7 with vocab 3
+    assert code_frequency_nll(train, val, 2) == pytest.approx(-(math.log(2 / 3) + math.log(1 / 3)) / 2)
+    assert code_frequency_nll(train, torch.tensor([2]), 3) == pytest.approx(-math.log(1 / 7))
+
+
+@pytest.mark.parametrize("val_nll, train_nll, said", [
+    (2.0, [3.0, 2.5], []),                        # 20 % below the baseline, training NLL falling
+    (2.4, [3.0, 2.5], ["validation NLL 2.4000"]),  # 4 % below: less than min_gain 0.05
+    (float("nan"), [3.0, 2.5], ["validation NLL nan"]),
+    (2.0, [3.0, 2.99], ["training NLL stopped falling"]),
+    (2.0, [3.0], []),                             # one epoch: nothing to compare
+])
+def test_a_prior_no_better_than_code_frequencies_or_stalled_counts_as_collapsed(val_nll, train_nll, said):
+    health = PriorHealthParams(min_gain=0.05, min_loss_drop=0.01, stop=False)
+    reasons = prior_collapse(val_nll, 2.5, train_nll, health)
+    assert [r[: len(s)] for r, s in zip(reasons, said)] == said and len(reasons) == len(said)

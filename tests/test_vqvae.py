@@ -6,8 +6,9 @@ import torch
 
 from small_params import SMALL_VQ, cpu
 from vqprior.models.quantizer import codebook_stats
-from vqprior.config import HealthParams
-from vqprior.models.vqvae import VQVAE, ResBlock, collapse_reasons
+from vqprior.config import VQVAEHealthParams
+from vqprior.health import vqvae_collapse
+from vqprior.models.vqvae import VQVAE, ResBlock
 
 
 def test_vqvae_evaluation_counts_codes_over_the_whole_set_not_a_batch():
@@ -71,9 +72,9 @@ def test_l1_reconstruction_loss_is_selectable():
     ([0.010], False),                  # one epoch: nothing to compare
 ])
 def test_a_training_mse_that_stops_falling_counts_as_collapse(train_mse, stalled):
-    health = HealthParams(min_codebook_usage=0.05, min_perplexity=2.0, min_loss_drop=0.01, stop=False)
-    reasons = collapse_reasons(0.9, 100.0, 0.001, 0.05, train_mse, health)
+    health = VQVAEHealthParams(min_codebook_usage=0.05, min_perplexity=2.0, min_loss_drop=0.01, stop=False)
+    reasons = vqvae_collapse(0.9, 100.0, 0.001, 0.05, train_mse, health)
     assert [r.startswith("training MSE stopped falling") for r in reasons] == ([True] if stalled else [])
-    healthy = collapse_reasons(0.9, 100.0, 0.001, 0.05, [0.01, 0.001], health)
-    assert healthy == [] and collapse_reasons(0.01, 1.5, 0.06, 0.05, [0.01, 0.001], health)[2].startswith(
+    healthy = vqvae_collapse(0.9, 100.0, 0.001, 0.05, [0.01, 0.001], health)
+    assert healthy == [] and vqvae_collapse(0.01, 1.5, 0.06, 0.05, [0.01, 0.001], health)[2].startswith(
         "reconstruction MSE 0.06000 is no better")

@@ -96,7 +96,7 @@ class VQVAEModelParams(Section):
         return self
 
 
-class HealthParams(Section):
+class VQVAEHealthParams(Section):
     """When a trained VQ-VAE counts as collapsed (reported in the output and metrics)."""
 
     min_codebook_usage: float = Field(ge=0, le=1)
@@ -108,7 +108,7 @@ class HealthParams(Section):
 class TrainVQVAEParams(Section):
     model: VQVAEModelParams
     train: TrainParams
-    health: HealthParams
+    health: VQVAEHealthParams
     hflip: bool
 
 
@@ -134,9 +134,18 @@ class PriorModelParams(Section):
         return self
 
 
+class PriorHealthParams(Section):
+    """When a trained prior counts as collapsed (reported in the output and metrics)."""
+
+    min_gain: float = Field(ge=0, lt=1)
+    min_loss_drop: float = Field(ge=0, lt=1)
+    stop: bool
+
+
 class TrainPriorParams(Section):
     model: PriorModelParams
     train: TrainParams
+    health: PriorHealthParams
 
 
 class SampleParams(Section):

@@ -156,8 +156,9 @@ def all_gather_object(obj) -> list:
 def sync_model(model: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers everywhere (DDP does this once at the start)."""
     if world() > 1:
-        for t in [*model.parameters(), *model.buffers()]:
+        for t in model.parameters():
             dist.broadcast(t.data, 0)
+    sync_buffers(model)
 
 
 def sync_buffers(model: torch.nn.Module) -> None:

@@ -152,8 +152,7 @@ def fit(
                 )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if distributed.world() > 1:
-                distributed.average_gradients(model, len(part) / len(idx))
+            distributed.average_gradients(model, len(part) / len(idx))
             if p.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
             opt.step()

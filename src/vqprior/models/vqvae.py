@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import HealthParams, VQVAEModelParams
+from ..config import VQVAEModelParams
 from ..data.images import Normalisation
 from . import read_checkpoint
 from .quantizer import EMAQuantizer
@@ -90,21 +90,3 @@ def load_vqvae(path, device: torch.device | str = "cpu") -> tuple[VQVAE, dict]:
                   normalisation=Normalisation.from_dict(state.get("normalisation")))
     model.load_state_dict(state["state_dict"])
     return model.to(device).eval(), state
-
-
-def collapse_reasons(usage: float, perplexity: float, mse: float, mean_image_mse: float, train_mse: list[float],
-                     p: HealthParams) -> list[str]:
-    """Why a trained VQ-VAE counts as collapsed (empty: healthy): too few codes in use, reconstructions no better
-    than predicting the mean training image for every input (the decoder ignores the codes), or a training MSE
-    (`train_mse`, one value per epoch) that stopped falling after the first epoch."""
-    reasons = []
-    if usage < p.min_codebook_usage:
-        reasons.append(f"codebook usage {usage:.3f} < train_vqvae.health.min_codebook_usage {p.min_codebook_usage}")
-    if perplexity < p.min_perplexity:
-        reasons.append(f"perplexity {perplexity:.2f} < train_vqvae.health.min_perplexity {p.min_perplexity}")
-    if mse >= mean_image_mse:
-        reasons.append(f"reconstruction MSE {mse:.5f} is no better than the mean image's {mean_image_mse:.5f}")
-    if len(train_mse) >= 2 and not train_mse[-1] < train_mse[0] * (1 - p.min_loss_drop):
-        reasons.append(f"training MSE stopped falling ({train_mse[0]:.5f} in epoch 1, {train_mse[-1]:.5f} in epoch "
-                       f"{len(train_mse)}: less than train_vqvae.health.min_loss_drop {p.min_loss_drop} lower)")
-    return reasons
