@@ -71,18 +71,9 @@ def select(stages: list[str] | None = None) -> list[str]:
     return [s for s in order if not stages or s in stages or s.split("@")[0] in stages]
 
 
-# NO_CACHE: DVC's cache alone decides what is skipped
-@task(task_run_name="{stage}", cache_policy=NO_CACHE)
-def run_stage(stage: str, parent_run_id: str) -> None:
-    """`dvc repro --single-item <stage>`, its output streamed line by line into Prefect's log."""
+def stream(cmd: list[str], env: dict, what: str) -> None:
+    """Run `cmd` with its output streamed line by line into Prefect's log; a non-zero exit raises with the last lines."""
     logger = get_run_logger()
-    env = os.environ | {
-        PARENT_RUN_ENV: parent_run_id,  # the stage's MLflow run nests under the pipeline run
-        "MLFLOW_TRACKING_URI": tracking_uri(),  # same store whatever the stage's cwd
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),  # stage `python`
-        "PYTHONUNBUFFERED": "1",  # lines reach the log as they are printed
-    }
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     tail: deque[str] = deque(maxlen=20)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                           env=env) as proc:
@@ -92,8 +83,24 @@ def run_stage(stage: str, parent_run_id: str) -> None:
                 tail.append(line)
                 logger.info(line)
     if proc.returncode != 0:
-        raise RuntimeError(f"stage '{stage}' failed: `dvc repro --single-item {stage}` exited with {proc.returncode}; "
-                           f"last output:\n" + "\n".join(tail))
+        raise RuntimeError(f"{what} failed: `{' '.join(cmd[2:] if cmd[0] == sys.executable else cmd)}` exited with "
+                           f"{proc.returncode}; last output:\n" + "\n".join(tail))
+
+
+def stage_env(parent_run_id: str | None = None) -> dict:
+    """The environment of the `dvc` commands a flow runs: the stages' MLflow runs nest under `parent_run_id`."""
+    return os.environ | {
+        "MLFLOW_TRACKING_URI": tracking_uri(),  # same store whatever the stage's cwd
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),  # stage `python`
+        "PYTHONUNBUFFERED": "1",  # lines reach the log as they are printed
+    } | ({PARENT_RUN_ENV: parent_run_id} if parent_run_id else {})
+
+
+# NO_CACHE: DVC's cache alone decides what is skipped
+@task(task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(stage: str, parent_run_id: str) -> None:
+    """`dvc repro --single-item <stage>`, its output streamed line by line into Prefect's log."""
+    stream([sys.executable, "-m", "dvc", "repro", "--single-item", stage], stage_env(parent_run_id), f"stage '{stage}'")
 
 
 @flow(name="vqprior-pipeline")
@@ -123,6 +130,17 @@ HEARTBEAT_SECONDS = 30
 SILENT_SECONDS = 90
 
 
+def ensure_process_pool(pool: str) -> None:
+    """The process work pool `pool`, created when missing (workers run its flow runs as local processes)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        with contextlib.suppress(ObjectAlreadyExists):
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+
+
 def deploy(name: str, pool: str, cron: str, parameters: dict) -> None:
     """Deploy the flow, as it is in this folder, to the process work pool `pool` (created if missing), on `cron`. A
     worker started the standard way (`prefect worker start --pool POOL`) runs it here, and `prefect deployment run
@@ -130,25 +148,20 @@ def deploy(name: str, pool: str, cron: str, parameters: dict) -> None:
     so a second run waits for the first (its state reads AwaitingConcurrencySlot meanwhile). A run whose worker dies
     is marked Crashed after SILENT_SECONDS without a heartbeat, and the next run takes the workspace: DVC re-runs the
     stage that was cut off (a training stage from its last checkpoint) and skips what had finished."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-    from prefect.exceptions import ObjectAlreadyExists
 
-    with get_client(sync_client=True) as client:
-        with contextlib.suppress(ObjectAlreadyExists):
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    ensure_process_pool(pool)
     here = pipeline.from_source(source=str(Path.cwd().resolve()), entrypoint="flows/pipeline.py:pipeline")
     deployment_id = here.deploy(
         name=name, work_pool_name=pool, cron=cron, parameters=parameters, print_next_steps=False,
         concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_SECONDS)}})
-    crash_silent_runs(name, deployment_id)
+    crash_silent_runs(f"vqprior-pipeline/{name}", deployment_id)
     print(f"deployed vqprior-pipeline/{name} to work pool '{pool}' (cron {cron}); start a worker with "
           f"`prefect worker start --pool {pool}`, a run with `prefect deployment run vqprior-pipeline/{name}`")
 
 
-def crash_silent_runs(name: str, deployment_id) -> None:
+def crash_silent_runs(deployment: str, deployment_id) -> None:
     """The automation Prefect documents for zombie flow runs, for this deployment's runs: a run that sent a heartbeat
     and then neither another one nor a final state within SILENT_SECONDS becomes Crashed. Made anew on each deploy."""
     from datetime import timedelta
@@ -160,7 +173,7 @@ def crash_silent_runs(name: str, deployment_id) -> None:
     from prefect.events.schemas.automations import EventTrigger, Posture
     from prefect.events.schemas.events import ResourceSpecification
 
-    title = f"vqprior-pipeline/{name}: crash runs without a heartbeat"
+    title = f"{deployment}: crash runs without a heartbeat"
     with get_client(sync_client=True) as client:
         for old in client.read_automations_by_name(title):
             client.delete_automation(old.id)

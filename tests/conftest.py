@@ -44,6 +44,9 @@ def stage_report(root: Path, name: str) -> dict:
     return detail
 
 
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+
 def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     """A working copy of the project as a user would clone it (tracked + new files), with `params` as params.yaml."""
@@ -57,8 +60,7 @@ def copy_repo(dest: Path, params: str = "profiles/smoke.yaml") -> Path:
     for stale in ("dvc.lock", "metrics", "plots", "reports"):  # start as if nothing had run
         path = dest / stale
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {**os.environ, **GIT_ENV}
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
         subprocess.run(cmd, cwd=dest, check=True, env=env)
     return dest

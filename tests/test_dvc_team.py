@@ -8,10 +8,8 @@ import time
 import pytest
 import yaml
 
-from conftest import ROOT, copy_repo, require_fashion_mnist, run
+from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run
 from test_faults import tiny_params
-
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
 
 
 def dvc(repo, *args) -> subprocess.CompletedProcess:

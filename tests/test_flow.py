@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from conftest import copy_repo, run
+from flows.experiment import expand_grid
 from flows.pipeline import select, stage_order
 from vqprior.config import load_params
 
@@ -117,3 +118,39 @@ def test_flow_runs_prepare_in_a_copy_and_dvc_skips_it_the_second_time(tmp_path):
     runs = _runs(copy)
     assert sum(r.info.run_name == "pipeline" for r in runs) == 2
     assert sum(r.info.run_name == "prepare" for r in runs) == 1  # DVC skipped it: no second stage run
+
+
+def test_experiment_grid_is_every_combination_with_names_git_allows():
+    grid = expand_grid(["train_prior.train.lr=0.001,0.004", "sample.temperature=0.9,1.0"], "grid")
+    assert grid == [
+        ("grid-lr0.001-temperature0.9", ["train_prior.train.lr=0.001", "sample.temperature=0.9"]),
+        ("grid-lr0.001-temperature1.0", ["train_prior.train.lr=0.001", "sample.temperature=1.0"]),
+        ("grid-lr0.004-temperature0.9", ["train_prior.train.lr=0.004", "sample.temperature=0.9"]),
+        ("grid-lr0.004-temperature1.0", ["train_prior.train.lr=0.004", "sample.temperature=1.0"]),
+    ]
+    assert expand_grid(["evaluate.feature_extractor=inception v3"], "my run")[0][0] == "my_run-feature_extractorinception_v3"
+
+
+@pytest.mark.parametrize("sets, said", [
+    (["train_prior.train.lr"], "-S 'train_prior.train.lr': write KEY=VALUE or KEY=V1,V2,..."),
+    (["train_prior.train.lr=0.001,"], "-S 'train_prior.train.lr=0.001,': write KEY=VALUE or KEY=V1,V2,..."),
+    (["seed=1", "seed=2"], "a key is given twice: list all its values in one -S KEY=V1,V2"),
+])
+def test_a_bad_grid_is_one_line_before_any_server_is_asked(sets, said, tmp_path):
+    with pytest.raises(ValueError) as raised:
+        expand_grid(sets, "grid")
+    assert str(raised.value).startswith(said)
+    repo = copy_repo(tmp_path / "repo")
+    args = [a for s in sets for a in ("-S", s)]
+    done = run([sys.executable, "-m", "flows.experiment", *args], repo, {"PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [f"error: {raised.value}"], done.stderr
+
+
+def test_experiments_on_workers_need_a_prefect_server(tmp_path):
+    repo = copy_repo(tmp_path / "repo")
+    dry = run([sys.executable, "-m", "flows.experiment", "-S", "seed=1,2", "--dry-run"], repo)
+    assert dry.returncode == 0 and dry.stdout.splitlines() == ["grid-seed1: seed=1", "grid-seed2: seed=2"]
+    done = run([sys.executable, "-m", "flows.experiment", "-S", "seed=1,2"], repo)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: experiments on workers need a Prefect server: run `make services` (or `prefect server start`), then "
+        "export PREFECT_API_URL=http://127.0.0.1:4200/api"], done.stderr

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import ROOT, copy_repo, require_fashion_mnist, run, subprocess_env
+from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, subprocess_env
 from test_faults import tiny_params
 
 SCRIPT = ROOT / "services/services.sh"
@@ -191,11 +191,11 @@ def _deployed(services, tmp_path, params: dict, pool: str) -> tuple[Path, dict]:
     return repo, env
 
 
-def _worker(repo: Path, env: dict, pool: str, log: Path) -> subprocess.Popen:
+def _worker(repo: Path, env: dict, pool: str, log: Path, *options: str) -> subprocess.Popen:
     """`prefect worker start`, as a user starts it, in its own process group."""
     with open(log, "a") as out:
         return subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "worker", "start", "--pool", pool,
-                                 "--type", "process"], cwd=repo, env=subprocess_env(repo, env), stdout=out,
+                                 "--type", "process", *options], cwd=repo, env=subprocess_env(repo, env), stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -287,6 +287,87 @@ def test_a_worker_killed_mid_stage_then_a_new_worker_completes_the_next_run(serv
     assert client.get_run(killed_stage).info.status == "KILLED"
     status = run([sys.executable, "-m", "dvc", "status", "train_vqvae"], repo)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr[-2000:]
+
+
+def test_a_grid_of_experiments_runs_one_flow_run_per_point_on_workers_of_two_machines(services, tmp_path):
+    """`python -m flows.experiment --deploy`, two workers started the standard way (`--limit 1`) in folders of their
+    own with no copy of the project, as on two machines, and a two-point grid: each worker takes one flow run, which
+    clones the git remote, pulls the baseline's outputs from the DVC remote (so only the changed stage runs), runs
+    its DVC experiment and pushes it; its stage runs land in the MLflow server under the experiment's name, and the
+    user's clone pulls the experiments back, outputs included."""
+    from mlflow.tracking import MlflowClient
+
+    require_fashion_mnist()
+    user, origin, remote = tmp_path / "user", tmp_path / "origin.git", tmp_path / "dvc-remote"
+    copy_repo(user)
+    (user / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    env = {"PREFECT_API_URL": services.prefect, "MLFLOW_TRACKING_URI": services.mlflow, **GIT_ENV}
+
+    def ok(cmd: list[str], cwd: Path = user) -> str:
+        done = run(cmd, cwd, env)
+        assert done.returncode == 0, f"{cmd}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
+        return done.stdout
+
+    dvc = [sys.executable, "-m", "dvc"]
+    ok([*dvc, "remote", "modify", "--local", "storage", "url", str(remote)])
+    ok([*dvc, "repro", "train_prior"])  # the baseline, pushed: the workers need not run it again
+    ok([*dvc, "push"])
+    ok(["git", "add", "-A"])
+    ok(["git", "commit", "-qm", "baseline"])
+    ok(["git", "init", "-q", "--bare", str(origin)])
+    ok(["git", "remote", "add", "origin", str(origin)])
+    ok(["git", "push", "-q", "-u", "origin", "HEAD"])
+    assert "deployed vqprior-experiment/grid" in ok([sys.executable, "-m", "flows.experiment", "--deploy",
+                                                     "--pool", "vqprior-grid"])
+
+    logs = [tmp_path / f"worker-{machine}.log" for machine in "ab"]
+    workers = []
+    for log in logs:
+        (machine := tmp_path / log.stem).mkdir()
+        workers.append(_worker(machine, env | {"PREFECT_WORKER_QUERY_SECONDS": "2"}, "vqprior-grid", log,
+                               "--limit", "1"))
+    try:
+        submitted = ok([sys.executable, "-m", "flows.experiment", "-S", "train_prior.train.lr=0.001,0.004",
+                        "--targets", "train_prior"])
+        ids = re.findall(UUID, submitted)
+        assert len(ids) == 2 and "grid-lr0.001:" in submitted and "grid-lr0.004:" in submitted, submitted
+        deadline = time.monotonic() + 600
+        while True:
+            states = _flow_run_states(services.prefect, ids)
+            if all(kind in FINAL for kind, _ in states):
+                break
+            assert time.monotonic() < deadline, (states, *(log.read_text()[-2000:] for log in logs))
+            time.sleep(2)
+    finally:
+        for worker in workers:
+            _stop_group(worker)
+    assert [kind for kind, _ in states] == ["COMPLETED", "COMPLETED"], [log.read_text()[-3000:] for log in logs]
+    # one flow run on each worker (a worker's log names the runs it took)
+    assert sorted(sum(i in log.read_text() for i in ids) for log in logs) == [1, 1]
+
+    client = MlflowClient(services.mlflow)
+    experiment = client.get_experiment_by_name("vqprior").experiment_id
+    for name, lr in (("grid-lr0.001", "0.001"), ("grid-lr0.004", "0.004")):
+        runs = client.search_runs([experiment], f"tags.`dvc.exp` = '{name}'")
+        by_name = {r.info.run_name: r for r in runs}
+        # the outputs of prepare, train_vqvae and extract_codes came from the DVC remote: train_prior alone ran
+        assert sorted(by_name) == [f"experiment {name}", "train_prior"], sorted(by_name)
+        assert by_name["train_prior"].data.params["train_prior.train.lr"] == lr
+        assert by_name["train_prior"].data.tags["mlflow.parentRunId"] == by_name[f"experiment {name}"].info.run_id
+        assert all(r.info.status == "FINISHED" for r in runs)
+
+    refs = ok(["git", "ls-remote", str(origin), "refs/exps/*"]).split()[1::2]  # refs/exps/<baseline>/<name>
+    assert sorted(ref.rsplit("/", 1)[1] for ref in refs) == ["grid-lr0.001", "grid-lr0.004"]
+    def prior_md5(lock: str) -> str:
+        (out,) = [o for o in yaml.safe_load(lock)["stages"]["train_prior"]["outs"] if o["path"] == "models/prior.pt"]
+        return out["md5"]
+
+    ok([*dvc, "exp", "pull", "origin", "grid-lr0.004"])  # the git ref, and its outputs from the DVC remote
+    ref = [r for r in refs if r.endswith("/grid-lr0.004")][0]
+    md5 = prior_md5(ok(["git", "show", f"{ref}:dvc.lock"]))
+    assert md5 != prior_md5((user / "dvc.lock").read_text())  # another model than the baseline's
+    assert (user / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file()
+    assert yaml.safe_load(ok(["git", "show", f"{ref}:params.yaml"]))["train_prior"]["train"]["lr"] == 0.004
 
 
 def test_mlflow_login_stops_strangers_in_one_line_and_records_a_members_runs(services, tmp_path, monkeypatch):
