@@ -289,7 +289,34 @@ def test_a_worker_killed_mid_stage_then_a_new_worker_completes_the_next_run(serv
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr[-2000:]
 
 
-def test_a_grid_of_experiments_runs_one_flow_run_per_point_on_workers_of_two_machines(services, tmp_path):
+DVC = [sys.executable, "-m", "dvc"]
+
+
+def _ok(cmd: list[str], cwd: Path, env: dict) -> str:
+    done = run(cmd, cwd, env)
+    assert done.returncode == 0, f"{cmd}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def baseline(services, tmp_path_factory):
+    """A team's baseline: a user's clone (tiny params) that ran the DAG to train_prior into the servers, pushed the
+    outputs to a DVC remote and its commit to a bare git remote, `origin`."""
+    require_fashion_mnist()
+    base = tmp_path_factory.mktemp("baseline")
+    user, origin, remote = base / "user", base / "origin.git", base / "dvc-remote"
+    copy_repo(user)
+    (user / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
+    env = {"PREFECT_API_URL": services.prefect, "MLFLOW_TRACKING_URI": services.mlflow, **GIT_ENV}
+    for cmd in ([*DVC, "remote", "modify", "--local", "storage", "url", str(remote)], [*DVC, "repro", "train_prior"],
+                [*DVC, "push"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
+                ["git", "init", "-q", "--bare", str(origin)], ["git", "remote", "add", "origin", str(origin)],
+                ["git", "push", "-q", "-u", "origin", "HEAD"]):
+        _ok(cmd, user, env)
+    return SimpleNamespace(user=user, origin=origin, remote=remote, env=env)
+
+
+def test_a_grid_of_experiments_runs_one_flow_run_per_point_on_workers_of_two_machines(services, baseline, tmp_path):
     """`python -m flows.experiment --deploy`, two workers started the standard way (`--limit 1`) in folders of their
     own with no copy of the project, as on two machines, and a two-point grid: each worker takes one flow run, which
     clones the git remote, pulls the baseline's outputs from the DVC remote (so only the changed stage runs), runs
@@ -297,26 +324,11 @@ def test_a_grid_of_experiments_runs_one_flow_run_per_point_on_workers_of_two_mac
     user's clone pulls the experiments back, outputs included."""
     from mlflow.tracking import MlflowClient
 
-    require_fashion_mnist()
-    user, origin, remote = tmp_path / "user", tmp_path / "origin.git", tmp_path / "dvc-remote"
-    copy_repo(user)
-    (user / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    env = {"PREFECT_API_URL": services.prefect, "MLFLOW_TRACKING_URI": services.mlflow, **GIT_ENV}
+    user, origin, env = baseline.user, baseline.origin, baseline.env
 
     def ok(cmd: list[str], cwd: Path = user) -> str:
-        done = run(cmd, cwd, env)
-        assert done.returncode == 0, f"{cmd}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
-        return done.stdout
+        return _ok(cmd, cwd, env)
 
-    dvc = [sys.executable, "-m", "dvc"]
-    ok([*dvc, "remote", "modify", "--local", "storage", "url", str(remote)])
-    ok([*dvc, "repro", "train_prior"])  # the baseline, pushed: the workers need not run it again
-    ok([*dvc, "push"])
-    ok(["git", "add", "-A"])
-    ok(["git", "commit", "-qm", "baseline"])
-    ok(["git", "init", "-q", "--bare", str(origin)])
-    ok(["git", "remote", "add", "origin", str(origin)])
-    ok(["git", "push", "-q", "-u", "origin", "HEAD"])
     assert "deployed vqprior-experiment/grid" in ok([sys.executable, "-m", "flows.experiment", "--deploy",
                                                      "--pool", "vqprior-grid"])
 
@@ -361,16 +373,45 @@ def test_a_grid_of_experiments_runs_one_flow_run_per_point_on_workers_of_two_mac
 
     refs = ok(["git", "ls-remote", str(origin), "refs/exps/*"]).split()[1::2]  # refs/exps/<baseline>/<name>
     assert sorted(ref.rsplit("/", 1)[1] for ref in refs) == ["grid-lr0.001", "grid-lr0.004"]
+
     def prior_md5(lock: str) -> str:
         (out,) = [o for o in yaml.safe_load(lock)["stages"]["train_prior"]["outs"] if o["path"] == "models/prior.pt"]
         return out["md5"]
 
-    ok([*dvc, "exp", "pull", "origin", "grid-lr0.004"])  # the git ref, and its outputs from the DVC remote
+    ok([*DVC, "exp", "pull", "origin", "grid-lr0.004"])  # the git ref, and its outputs from the DVC remote
     ref = [r for r in refs if r.endswith("/grid-lr0.004")][0]
     md5 = prior_md5(ok(["git", "show", f"{ref}:dvc.lock"]))
     assert md5 != prior_md5((user / "dvc.lock").read_text())  # another model than the baseline's
     assert (user / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file()
     assert yaml.safe_load(ok(["git", "show", f"{ref}:params.yaml"]))["train_prior"]["train"]["lr"] == 0.004
+
+
+def test_queued_experiments_run_two_at_a_time_into_the_server_under_their_names(services, baseline, tmp_path):
+    """A teammate clones the baseline, pulls its outputs and runs two queued experiments two at a time (`dvc queue
+    start -j 2`, DVC's own workers, with MLFLOW_TRACKING_URI naming the server): each experiment's train_prior run
+    lands in the server tagged with its name, nothing upstream runs again, and no local store appears."""
+    from mlflow.tracking import MlflowClient
+
+    mate, env = tmp_path / "mate", baseline.env
+    _ok(["git", "clone", "-q", str(baseline.origin), str(mate)], tmp_path, env)
+    _ok([*DVC, "remote", "modify", "--local", "storage", "url", str(baseline.remote)], mate, env)
+    _ok([*DVC, "pull", "--with-deps", "train_prior"], mate, env)  # what the baseline ran
+    lrs = {"queue-lr0.0005": "0.0005", "queue-lr0.004": "0.004"}
+    for name, lr in lrs.items():
+        _ok([*DVC, "exp", "run", "--queue", "-n", name, "-S", f"train_prior.train.lr={lr}", "train_prior"], mate, env)
+    _ok([*DVC, "queue", "start", "-j", "2"], mate, env)
+    deadline = time.monotonic() + 600
+    while "Queued" in (status := _ok([*DVC, "queue", "status"], mate, env)) or "Running" in status:
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    assert status.count("Success") == 2, status
+
+    client = MlflowClient(services.mlflow)
+    experiment = client.get_experiment_by_name("vqprior").experiment_id
+    runs = client.search_runs([experiment], "tags.`dvc.exp` LIKE 'queue-%'")
+    assert sorted((r.info.run_name, r.data.tags["dvc.exp"], r.data.params["train_prior.train.lr"], r.info.status)
+                  for r in runs) == [("train_prior", name, lr, "FINISHED") for name, lr in sorted(lrs.items())]
+    assert not (mate / "mlflow.db").exists() and not list((mate / ".dvc/tmp").rglob("mlflow.db"))
 
 
 def test_mlflow_login_stops_strangers_in_one_line_and_records_a_members_runs(services, tmp_path, monkeypatch):
