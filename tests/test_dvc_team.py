@@ -3,19 +3,16 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
-from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run
+from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok
 from test_faults import tiny_params
 
 
 def dvc(repo, *args) -> subprocess.CompletedProcess:
-    done = run([sys.executable, "-m", "dvc", *args], repo)
-    assert done.returncode == 0, f"dvc {' '.join(args)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
-    return done
+    return run_ok([sys.executable, "-m", "dvc", *args], repo)
 
 
 def ran(done: subprocess.CompletedProcess) -> list[str]:
@@ -65,14 +62,7 @@ def test_queued_experiments_run_two_at_a_time_into_the_projects_mlflow_store(fir
     stage runs land in the project's own mlflow.db (DVC_ROOT), tagged with the experiment's name."""
     for name, lr in (("lr-low", 0.0005), ("lr-high", 0.004)):
         dvc(first, "exp", "run", "--queue", "-n", name, "-S", f"train_prior.train.lr={lr}", "train_prior")
-    dvc(first, "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 600
-    while True:
-        status = dvc(first, "queue", "status").stdout
-        if "Queued" not in status and "Running" not in status:
-            break
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
+    status = run_dvc_queue(first)
     assert status.count("Success") == 2, status
     with sqlite3.connect(first / "mlflow.db") as db:
         rows = db.execute("SELECT r.name, t.value FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, subprocess_env
+from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok, subprocess_env
 from test_faults import tiny_params
 
 SCRIPT = ROOT / "services/services.sh"
@@ -292,12 +292,6 @@ def test_a_worker_killed_mid_stage_then_a_new_worker_completes_the_next_run(serv
 DVC = [sys.executable, "-m", "dvc"]
 
 
-def _ok(cmd: list[str], cwd: Path, env: dict) -> str:
-    done = run(cmd, cwd, env)
-    assert done.returncode == 0, f"{cmd}: {done.stdout[-2000:]}{done.stderr[-3000:]}"
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def baseline(services, tmp_path_factory):
     """A team's baseline: a user's clone (tiny params) that ran the DAG to train_prior into the servers, pushed the
@@ -312,7 +306,7 @@ def baseline(services, tmp_path_factory):
                 [*DVC, "push"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"],
                 ["git", "init", "-q", "--bare", str(origin)], ["git", "remote", "add", "origin", str(origin)],
                 ["git", "push", "-q", "-u", "origin", "HEAD"]):
-        _ok(cmd, user, env)
+        run_ok(cmd, user, env)
     return SimpleNamespace(user=user, origin=origin, remote=remote, env=env)
 
 
@@ -327,7 +321,7 @@ def test_a_grid_of_experiments_runs_one_flow_run_per_point_on_workers_of_two_mac
     user, origin, env = baseline.user, baseline.origin, baseline.env
 
     def ok(cmd: list[str], cwd: Path = user) -> str:
-        return _ok(cmd, cwd, env)
+        return run_ok(cmd, cwd, env).stdout
 
     assert "deployed vqprior-experiment/grid" in ok([sys.executable, "-m", "flows.experiment", "--deploy",
                                                      "--pool", "vqprior-grid"])
@@ -393,17 +387,14 @@ def test_queued_experiments_run_two_at_a_time_into_the_server_under_their_names(
     from mlflow.tracking import MlflowClient
 
     mate, env = tmp_path / "mate", baseline.env
-    _ok(["git", "clone", "-q", str(baseline.origin), str(mate)], tmp_path, env)
-    _ok([*DVC, "remote", "modify", "--local", "storage", "url", str(baseline.remote)], mate, env)
-    _ok([*DVC, "pull", "--with-deps", "train_prior"], mate, env)  # what the baseline ran
+    run_ok(["git", "clone", "-q", str(baseline.origin), str(mate)], tmp_path, env)
+    run_ok([*DVC, "remote", "modify", "--local", "storage", "url", str(baseline.remote)], mate, env)
+    run_ok([*DVC, "pull", "--with-deps", "train_prior"], mate, env)  # what the baseline ran
     lrs = {"queue-lr0.0005": "0.0005", "queue-lr0.004": "0.004"}
     for name, lr in lrs.items():
-        _ok([*DVC, "exp", "run", "--queue", "-n", name, "-S", f"train_prior.train.lr={lr}", "train_prior"], mate, env)
-    _ok([*DVC, "queue", "start", "-j", "2"], mate, env)
-    deadline = time.monotonic() + 600
-    while "Queued" in (status := _ok([*DVC, "queue", "status"], mate, env)) or "Running" in status:
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
+        run_ok([*DVC, "exp", "run", "--queue", "-n", name, "-S", f"train_prior.train.lr={lr}", "train_prior"], mate,
+               env)
+    status = run_dvc_queue(mate, env)
     assert status.count("Success") == 2, status
 
     client = MlflowClient(services.mlflow)
