@@ -82,6 +82,9 @@ def run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 900) 
     return subprocess.run(cmd, cwd=cwd, env=subprocess_env(cwd, env), capture_output=True, text=True, timeout=timeout)
 
 
+DVC = [sys.executable, "-m", "dvc"]  # the venv's DVC, whatever PATH holds
+
+
 def run_ok(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`run`, failing the test with the output's tails unless the command succeeded."""
     done = run(cmd, cwd, env)
@@ -91,10 +94,9 @@ def run_ok(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Com
 
 def run_dvc_queue(repo: Path, env: dict | None = None, jobs: int = 2, timeout: float = 600) -> str:
     """`dvc queue start -j jobs`, then `dvc queue status` until nothing is queued or running: that last status."""
-    dvc = [sys.executable, "-m", "dvc"]
-    run_ok([*dvc, "queue", "start", "-j", str(jobs)], repo, env)
+    run_ok([*DVC, "queue", "start", "-j", str(jobs)], repo, env)
     deadline = time.monotonic() + timeout
-    while "Queued" in (status := run_ok([*dvc, "queue", "status"], repo, env).stdout) or "Running" in status:
+    while "Queued" in (status := run_ok([*DVC, "queue", "status"], repo, env).stdout) or "Running" in status:
         assert time.monotonic() < deadline, status
         time.sleep(3)
     return status

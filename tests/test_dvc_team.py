@@ -7,12 +7,12 @@ import sys
 import pytest
 import yaml
 
-from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok
+from conftest import DVC, GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok
 from test_faults import tiny_params
 
 
 def dvc(repo, *args) -> subprocess.CompletedProcess:
-    return run_ok([sys.executable, "-m", "dvc", *args], repo)
+    return run_ok([*DVC, *args], repo)
 
 
 def ran(done: subprocess.CompletedProcess) -> list[str]:

@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok, subprocess_env
+from conftest import (DVC, GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok,
+                      subprocess_env)
 from test_faults import tiny_params
 
 SCRIPT = ROOT / "services/services.sh"
@@ -287,9 +288,6 @@ def test_a_worker_killed_mid_stage_then_a_new_worker_completes_the_next_run(serv
     assert client.get_run(killed_stage).info.status == "KILLED"
     status = run([sys.executable, "-m", "dvc", "status", "train_vqvae"], repo)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr[-2000:]
-
-
-DVC = [sys.executable, "-m", "dvc"]
 
 
 @pytest.fixture(scope="module")
