@@ -6,7 +6,6 @@ import json
 import os
 import socket
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import copy_repo, require_fashion_mnist, run
+from conftest import DVC, copy_repo, require_fashion_mnist, run
 from small_params import SMALL_PRIOR, SMALL_VQ, cpu
 from stages.train_prior import evaluate_prior
 from stages.train_vqvae import evaluate_vqvae
@@ -165,7 +164,7 @@ def two_process_repo(dest: Path) -> Path:
 
 def test_training_stages_under_dvc_repro_run_as_two_processes_and_rank_0_reports(tmp_path):
     repo = two_process_repo(tmp_path / "repo")
-    done = run([sys.executable, "-m", "dvc", "repro", "train_prior", "train_classifier"], repo)
+    done = run([*DVC, "repro", "train_prior", "train_classifier"], repo)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     stages = ("train_vqvae", "train_classifier", "train_prior")
     for stage in stages:
@@ -180,7 +179,7 @@ def test_training_stages_under_dvc_repro_run_as_two_processes_and_rank_0_reports
             logged = db.execute("SELECT value FROM latest_metrics WHERE run_uuid = ? AND key = ?", (uuid, key)).fetchone()
             reported = json.loads((repo / f"reports/{stage}_detail.json").read_text())[key]
             assert logged[0] == pytest.approx(reported, rel=1e-9), stage  # the file and the run: rank 0's numbers
-    status = run([sys.executable, "-m", "dvc", "status", "train_prior", "train_classifier"], repo)
+    status = run([*DVC, "status", "train_prior", "train_classifier"], repo)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
     assert not list((repo / "checkpoints").glob("*.pt"))
 
@@ -194,7 +193,7 @@ def test_training_stages_on_gpus_in_bf16(tmp_path):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["compute"] |= {"device": "cuda", "precision": "auto", "procs": min(2, torch.cuda.device_count())}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    done = run([sys.executable, "-m", "dvc", "repro", "train_prior", "train_classifier"], repo)
+    done = run([*DVC, "repro", "train_prior", "train_classifier"], repo)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for stage in ("train_vqvae", "train_classifier", "train_prior"):
         report = json.loads((repo / f"reports/{stage}_detail.json").read_text())

@@ -2,7 +2,6 @@
 import os
 import sqlite3
 import subprocess
-import sys
 
 import pytest
 import yaml
@@ -20,9 +19,9 @@ def ran(done: subprocess.CompletedProcess) -> list[str]:
 
 
 def test_the_project_has_a_default_remote_beside_it():
-    config = run([sys.executable, "-m", "dvc", "remote", "default"], ROOT)
+    config = run([*DVC, "remote", "default"], ROOT)
     assert config.stdout.strip() == "storage"
-    url = run([sys.executable, "-m", "dvc", "remote", "list"], ROOT).stdout.split()
+    url = run([*DVC, "remote", "list"], ROOT).stdout.split()
     assert url[:2] == ["storage", str(ROOT.parent / "vqprior-dvc-remote")]
 
 

@@ -1,13 +1,12 @@
 """The whole DAG on a folder of image files (the smoke profile with data.source: image_folder): real Fashion-MNIST
 images written as PNG and JPEG files in class folders, plus a few bad files that `prepare` must drop."""
 import json
-import sys
 
 import numpy as np
 import yaml
 from PIL import Image
 
-from conftest import copy_repo, require_fashion_mnist, run
+from conftest import DVC, copy_repo, require_fashion_mnist, run
 from vqprior.data.sources import DEBIAN_FASHION_MNIST, load_idx_dataset
 
 CLASSES = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -34,7 +33,7 @@ def test_smoke_dag_on_an_image_folder(tmp_path):
     params["prepare"].update(max_train=None, max_test=None, test_fraction=0.2, normalisation="standardize")
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    proc = run([sys.executable, "-m", "dvc", "repro"], repo)
+    proc = run([*DVC, "repro"], repo)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((repo / "reports/prepare.json").read_text())
     dropped = {reason: sum(by_split.values()) for reason, by_split in report["dropped"].items()}

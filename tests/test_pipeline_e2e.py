@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import run, stage_report
+from conftest import DVC, run, stage_report
 
 # profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [20] x top_p [1.0] x guidance [1.0]; the sample
 # settings' own point (top_k 0) is evaluate's, a row of the sweep's table without a stage of its own
@@ -18,7 +18,7 @@ STAGES = ["prepare", "reference", "train_classifier", "train_vqvae", "reconstruc
 
 
 def test_smoke_dag_end_to_end(smoke_repo):
-    first = run([sys.executable, "-m", "dvc", "repro"], smoke_repo)
+    first = run([*DVC, "repro"], smoke_repo)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout
@@ -138,17 +138,17 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert sum(float(r.split()[1]) for r in rows) == pytest.approx(float(total.split()[1]), abs=0.1 * len(rows))
 
     # nothing changed: the second repro runs no stage and logs no run
-    second = run([sys.executable, "-m", "dvc", "repro"], smoke_repo)
+    second = run([*DVC, "repro"], smoke_repo)
     assert second.returncode == 0
     assert "Running stage" not in second.stdout
     assert len(mlflow.search_runs(experiment_names=["vqprior"])) == len(STAGES)
-    shown = run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], smoke_repo)
+    shown = run([*DVC, "metrics", "show", "--json"], smoke_repo)
     assert shown.returncode == 0 and "fid" in shown.stdout
 
     # DVC caches each sweep point: a grid with one more guidance scale runs only the new points and the table
     params = smoke_repo / "params.yaml"
     params.write_text(params.read_text().replace("guidance: [1.0]", "guidance: [1.0, 3.0]"))
-    third = run([sys.executable, "-m", "dvc", "repro", "sweep"], smoke_repo)
+    third = run([*DVC, "repro", "sweep"], smoke_repo)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
     assert ran == ["sweep", "sweep_point@1.0-20-1.0-3.0"]
@@ -161,7 +161,7 @@ def test_smoke_dag_end_to_end(smoke_repo):
 def test_dvc_metrics_show_is_one_screen_of_headline_numbers(smoke_repo):
     """The files DVC reads as metrics hold a few numbers under names shared across stages: one table that fits a
     screen, each number the same as in the stage's full report."""
-    shown = run([sys.executable, "-m", "dvc", "metrics", "show"], smoke_repo)
+    shown = run([*DVC, "metrics", "show"], smoke_repo)
     assert shown.returncode == 0, shown.stderr[-2000:]
     lines = shown.stdout.splitlines()
     assert lines[0].split() == ["Path", "ceiling_fid", "classifier_fid", "fid", "fid_std", "mse", "nll", "perplexity",
@@ -176,13 +176,13 @@ def test_dvc_metrics_show_is_one_screen_of_headline_numbers(smoke_repo):
 def test_dvc_experiment_with_a_set_param(smoke_repo):
     """`dvc exp run -S` re-runs only what reads the param; `dvc exp show` and MLflow both know the experiment."""
     baseline = json.loads((smoke_repo / "metrics/evaluate.json").read_text())["fid"]
-    exp = run([sys.executable, "-m", "dvc", "exp", "run", "-n", "hot", "-S", "sample.temperature=1.3"], smoke_repo)
+    exp = run([*DVC, "exp", "run", "-n", "hot", "-S", "sample.temperature=1.3"], smoke_repo)
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     ran = sorted(line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage"))
     # the sweep points take their temperature from the grid, not `sample`; only the table's evaluate row changes
     assert ran == ["evaluate", "sample", "sweep"]
 
-    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--json"], smoke_repo)
+    shown = run([*DVC, "exp", "show", "--json"], smoke_repo)
     assert shown.returncode == 0, shown.stderr[-3000:]
     exps = [e["revs"][0] for row in json.loads(shown.stdout) for e in row.get("experiments") or []]
     hot = next(e for e in exps if e["name"] == "hot")["data"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import copy_repo, require_fashion_mnist, run, subprocess_env, wait_until
+from conftest import DVC, copy_repo, require_fashion_mnist, run, subprocess_env, wait_until
 from test_faults import tiny_params
 
 EPOCHS = 4
@@ -28,7 +28,7 @@ def test_killed_vqvae_stage_resumes_to_identical_weights(procs, tmp_path):
         params["compute"] |= {"procs": procs, "precision": "fp32"}
         params["train_vqvae"]["hflip"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    assert run([sys.executable, "-m", "dvc", "repro", "prepare"], repo).returncode == 0
+    assert run([*DVC, "repro", "prepare"], repo).returncode == 0
     stage = [sys.executable, "-m", "stages.train_vqvae"]
 
     uninterrupted = run(stage, repo)
@@ -55,7 +55,7 @@ def test_killed_vqvae_stage_resumes_to_identical_weights(procs, tmp_path):
     assert 1 <= killed_after < EPOCHS
     assert not (repo / "models/vqvae.pt").exists()
 
-    resumed = run([sys.executable, "-m", "dvc", "repro", "train_vqvae"], repo)
+    resumed = run([*DVC, "repro", "train_vqvae"], repo)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"resuming from {checkpoint.relative_to(repo)} after epoch {killed_after}" in resumed.stdout
     final = torch.load(repo / "models/vqvae.pt", weights_only=False)["state_dict"]
@@ -77,7 +77,7 @@ def dvc_project(tmp_path_factory):
     params["extract_codes"]["batch_size"] = 4  # many small writes: the kill lands mid-write
     params["train_prior"]["train"] |= {"epochs": 3, "batch_size": 8}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    done = run([sys.executable, "-m", "dvc", "repro", "train_prior"], repo)
+    done = run([*DVC, "repro", "train_prior"], repo)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return repo
 
@@ -99,18 +99,18 @@ def test_sigkill_under_dvc_repro_then_dvc_repro_ends_as_uninterrupted(dvc_projec
     temporary, no checkpoint and no RUNNING MLflow run is left, and `dvc status` is clean."""
     repo = dvc_project
     uninterrupted = _data_and_model_hashes(repo)
-    killed = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", stage], cwd=repo,
+    killed = subprocess.Popen([*DVC, "repro", "--force", "--single-item", stage], cwd=repo,
                               env=subprocess_env(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     wait_until(lambda: ready(repo), killed, f"{stage}, before the kill,", poll=0.002)
     os.killpg(killed.pid, signal.SIGKILL)
     killed.wait()
 
-    again = run([sys.executable, "-m", "dvc", "repro", "train_prior"], repo)
+    again = run([*DVC, "repro", "train_prior"], repo)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert [line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")] == [stage]
     assert _data_and_model_hashes(repo) == uninterrupted
-    status = run([sys.executable, "-m", "dvc", "status", "train_prior"], repo)
+    status = run([*DVC, "status", "train_prior"], repo)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
     assert not [p for p in repo.rglob(".*.tmp") if ".dvc" not in p.parts]
     assert not (repo / "checkpoints" / f"{stage}.pt").exists()

@@ -93,7 +93,7 @@ def test_stage_runs_land_in_the_server_and_survive_a_restart(services, tmp_path)
     require_fashion_mnist()
     repo = copy_repo(tmp_path / "repo")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
-    done = run([sys.executable, "-m", "dvc", "repro", "train_prior"], repo, {"MLFLOW_TRACKING_URI": services.mlflow})
+    done = run([*DVC, "repro", "train_prior"], repo, {"MLFLOW_TRACKING_URI": services.mlflow})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
     def read_back():
@@ -286,7 +286,7 @@ def test_a_worker_killed_mid_stage_then_a_new_worker_completes_the_next_run(serv
     assert [kind for kind, _ in states] == ["CRASHED", "COMPLETED"], (states, log.read_text()[-3000:])
     assert _stage_runs(services, second) == ["train_vqvae"]  # prepare had finished: DVC skipped it
     assert client.get_run(killed_stage).info.status == "KILLED"
-    status = run([sys.executable, "-m", "dvc", "status", "train_vqvae"], repo)
+    status = run([*DVC, "status", "train_vqvae"], repo)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr[-2000:]
 
 
