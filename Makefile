@@ -26,7 +26,18 @@ flow: install data ## the same DAG as a Prefect flow (offline, temporary local s
 
 install: $(VENV)/.installed
 
+# The venv ends near 7 GB (PyPI's torch is the CUDA build); a disk that fills mid-install leaves a broken venv and pip's
+# "[Errno 28] No space left on device" deep in its log, so say it first, counting what the venv already holds.
+VENV_GB ?= 7
+
 $(VENV)/.installed: pyproject.toml
+	@have_kb=$$(du -sk $(VENV) 2>/dev/null | cut -f1); \
+	free_kb=$$(df -Pk . | awk 'NR == 2 {print $$4}'); \
+	need_kb=$$(( $(VENV_GB) * 1048576 - $${have_kb:-0} )); \
+	if [ "$$free_kb" -lt "$$need_kb" ]; then \
+		echo "make install: the virtual environment needs about $$(( need_kb / 1048576 + 1 )) GB more disk, only $$(( free_kb / 1048576 )) GB is free under $(CURDIR); free some space (df -h) and run it again" >&2; \
+		exit 1; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
