@@ -1,6 +1,8 @@
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -93,13 +95,46 @@ def run_ok(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Com
 
 
 def run_dvc_queue(repo: Path, env: dict | None = None, jobs: int = 2, timeout: float = 600) -> str:
-    """`dvc queue start -j jobs`, then `dvc queue status` until nothing is queued or running: that last status."""
-    run_ok([*DVC, "queue", "start", "-j", str(jobs)], repo, env)
-    deadline = time.monotonic() + timeout
-    while "Queued" in (status := run_ok([*DVC, "queue", "status"], repo, env).stdout) or "Running" in status:
-        assert time.monotonic() < deadline, status
-        time.sleep(3)
-    return status
+    """`dvc queue start -j jobs`, then `dvc queue status` until nothing is queued or running: that last status.
+    The queue's workers are stopped afterwards, since DVC can leave one running for good (docs/team.md)."""
+    log = repo / ".dvc" / "tmp" / "queue-start.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as out:  # a file, not a pipe: every worker inherits it, and a pipe stays open while one lives
+        started = subprocess.run([*DVC, "queue", "start", "-j", str(jobs)], cwd=repo, env=subprocess_env(repo, env),
+                                 stdout=out, stderr=subprocess.STDOUT, timeout=300)
+    assert started.returncode == 0, log.read_text()[-3000:]
+    try:
+        deadline = time.monotonic() + timeout
+        while "Queued" in (status := run_ok([*DVC, "queue", "status"], repo, env).stdout) or "Running" in status:
+            assert time.monotonic() < deadline, status + queue_worker_logs(repo)
+            time.sleep(3)
+        return status
+    finally:
+        stop_queue_workers(repo)
+
+
+def queue_worker_logs(repo: Path) -> str:
+    return "".join(f"\n--- {out.name}\n{out.read_text(errors='replace')[-2000:]}"
+                   for out in sorted((repo / ".dvc/tmp/exps/celery").glob("*.out")))
+
+
+def stop_queue_workers(repo: Path, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL, every DVC queue worker of `repo` still alive (by the pid files DVC writes for them)."""
+    alive = []
+    for pidfile in (repo / ".dvc/tmp/exps/celery").glob("*.pid"):
+        pid = int(pidfile.read_text() or 0)
+        try:
+            if pid and b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+                alive.append(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    deadline = time.monotonic() + grace
+    while (alive := [pid for pid in alive if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def wait_until(ready, proc: subprocess.Popen, what: str, timeout: float = 300, poll: float = 0.02) -> None:
