@@ -113,15 +113,18 @@ def run_dvc_queue(repo: Path, env: dict | None = None, jobs: int = 2, timeout: f
         stop_queue_workers(repo)
 
 
+QUEUE_WORKERS = ".dvc/tmp/exps/celery"  # where DVC keeps each queue worker's log (.out) and pid file (.pid)
+
+
 def queue_worker_logs(repo: Path) -> str:
     return "".join(f"\n--- {out.name}\n{out.read_text(errors='replace')[-2000:]}"
-                   for out in sorted((repo / ".dvc/tmp/exps/celery").glob("*.out")))
+                   for out in sorted((repo / QUEUE_WORKERS).glob("*.out")))
 
 
 def stop_queue_workers(repo: Path, grace: float = 10) -> None:
     """SIGTERM, then SIGKILL, every DVC queue worker of `repo` still alive (by the pid files DVC writes for them)."""
     alive = []
-    for pidfile in (repo / ".dvc/tmp/exps/celery").glob("*.pid"):
+    for pidfile in (repo / QUEUE_WORKERS).glob("*.pid"):
         pid = int(pidfile.read_text() or 0)
         try:
             if pid and b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():

@@ -1,13 +1,10 @@
-from pathlib import Path
-
 import pytest
 import yaml
 from pydantic import BaseModel
 
-from conftest import params_with
+from conftest import ROOT, params_with
 from vqprior.config import Params, ParamsError, load_params, parse_params
 
-ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = ["params.yaml", *sorted(str(f.relative_to(ROOT)) for f in (ROOT / "profiles").glob("*.yaml"))]
 
 

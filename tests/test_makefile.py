@@ -2,9 +2,7 @@
 import shutil
 from pathlib import Path
 
-from conftest import run
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, run
 
 
 def make_install(folder: Path, *overrides: str):
