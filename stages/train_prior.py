@@ -83,7 +83,7 @@ def main() -> None:
         result = fit(
             prior, len(x_train), step, lambda: evaluate_prior(prior, x_val, y_val, 512, runtime.device), cfg.train, runtime,
             seed=p.seed, checkpoint=paths.checkpoint("train_prior"), monitor="nll", on_epoch=run.log_epoch, desc="train_prior",
-            fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta),
+            fingerprint=fingerprint(p.seed, p.compute, cfg, train.meta), optimizer=cfg.train.optimizer,
         )
         frequency_nll = code_frequency_nll(x_train, x_val, train.codebook_size)
         collapsed = prior_collapse(result.best["val_nll"], frequency_nll, [e["train_nll"] for e in result.history],

@@ -38,7 +38,8 @@ def vq_data() -> torch.Tensor:
 
 
 def train(kind: str, checkpoint: Path) -> dict:
-    """The model's weights, its history and (VQ-VAE) its dead-code restarts after `fit`, in whatever world this is."""
+    """The model's weights, its history and (VQ-VAE) its dead-code restarts after `fit`, in whatever world this is;
+    kind vqvae, prior (AdamW) or prior_muon."""
     runtime = resolve_runtime(cpu())
     seed_everything(0)
     if kind == "vqvae":
@@ -62,7 +63,7 @@ def train(kind: str, checkpoint: Path) -> dict:
 
         evaluate, monitor = (lambda: evaluate_prior(model, c_val, None, 8, runtime.device)), "nll"
     result = fit(model, TRAIN, step, evaluate, P, runtime, seed=3, checkpoint=checkpoint, monitor=monitor,
-                 fingerprint="test")
+                 fingerprint="test", optimizer="muon" if kind == "prior_muon" else "adamw")
     restarts = model.quantizer.restarts if kind == "vqvae" else 0
     return {"state": model.state_dict(), "history": result.history, "restarts": restarts}
 
@@ -89,7 +90,7 @@ def two_ranks(kind: str, out: Path) -> list[dict]:
     return [torch.load(out / f"result_rank{r}.pt", weights_only=False) for r in range(2)]
 
 
-@pytest.mark.parametrize("kind", ["vqvae", "prior"])
+@pytest.mark.parametrize("kind", ["vqvae", "prior", "prior_muon"])
 def test_two_ranks_train_what_one_process_trains(kind, tmp_path):
     one = train(kind, tmp_path / "one.pt")
     ranks = two_ranks(kind, tmp_path)

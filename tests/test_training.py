@@ -12,11 +12,16 @@ from vqprior.training import TrainingDiverged, fit, lr_factor
 CPU = resolve_runtime(cpu())
 
 
+class MLP(torch.nn.Sequential):
+    def hidden_matrices(self):  # what train.optimizer muon orthogonalises
+        return [self[0].weight]
+
+
 def make_problem(seed=0):
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))  # the data never changes
     torch.manual_seed(seed)
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
+    model = MLP(torch.nn.Linear(4, 8), torch.nn.Dropout(0.1), torch.nn.Linear(8, 1))
 
     def step(idx):
         loss = torch.nn.functional.mse_loss(model(x[idx]), y[idx])
@@ -40,9 +45,10 @@ def test_loss_falls_and_best_weights_are_kept(tmp_path):
     assert evaluate()["loss"] == pytest.approx(result.best["val_loss"])
 
 
-def test_resume_after_interruption_gives_identical_weights(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_interruption_gives_identical_weights(tmp_path, optimizer):
     model, step, evaluate = make_problem()
-    fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "full.pt", monitor="loss")
+    fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "full.pt", monitor="loss", optimizer=optimizer)
     full = {k: v.clone() for k, v in model.state_dict().items()}
 
     class Killed(Exception):
@@ -54,10 +60,12 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
 
     model, step, evaluate = make_problem()
     with pytest.raises(Killed):
-        fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "part.pt", monitor="loss", on_epoch=kill_after_two)
+        fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "part.pt", monitor="loss", on_epoch=kill_after_two,
+            optimizer=optimizer)
     # epoch 2's checkpoint is written after on_epoch, so the run resumes after epoch 1
     model, step, evaluate = make_problem(seed=99)  # fresh process: different init, same checkpoint
-    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "part.pt", monitor="loss")
+    result = fit(model, 64, step, evaluate, P, CPU, seed=1, checkpoint=tmp_path / "part.pt", monitor="loss",
+                 optimizer=optimizer)
     assert result.epochs == 4
     for k, v in model.state_dict().items():
         assert torch.equal(v, full[k]), k

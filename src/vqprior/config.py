@@ -68,6 +68,13 @@ class TrainParams(Section):
     patience: int = Field(ge=1)
 
 
+class PriorTrainParams(TrainParams):
+    """The prior's optimisation knobs: TrainParams and the optimiser (its Transformer has the hidden matrices Muon
+    is for; the convolutional models train with AdamW)."""
+
+    optimizer: Literal["adamw", "muon"]
+
+
 class VQVAEModelParams(Section):
     channels: int = Field(ge=8)
     res_blocks: int = Field(ge=0)
@@ -144,7 +151,7 @@ class PriorHealthParams(Section):
 
 class TrainPriorParams(Section):
     model: PriorModelParams
-    train: TrainParams
+    train: PriorTrainParams
     health: PriorHealthParams
 
 

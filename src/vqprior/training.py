@@ -17,6 +17,7 @@ from . import distributed
 from .config import TrainParams
 from .errors import InputError, ParamsError, TrainingError
 from .models import load_state, save_state
+from .optimizers import build_optimizer
 from .runtime import Runtime
 
 
@@ -35,14 +36,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def adamw(model: torch.nn.Module, p: TrainParams) -> torch.optim.AdamW:
-    """Weight decay on matrices and conv kernels only; never on biases, norms or embeddings' scale."""
-    decay = [w for n, w in model.named_parameters() if w.requires_grad and w.dim() >= 2]
-    no_decay = [w for n, w in model.named_parameters() if w.requires_grad and w.dim() < 2]
-    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
 
 
 def non_finite_terms(stats: dict) -> str:
@@ -81,6 +74,7 @@ def fit(
     on_epoch: Callable[[int, dict], None] = lambda epoch, metrics: None,
     desc: str = "train",
     fingerprint: str = "",
+    optimizer: str = "adamw",
 ) -> FitResult:
     """Train `model`; `train_step(index_batch)` returns (loss, stats) and `evaluate()` returns val metrics.
 
@@ -91,11 +85,12 @@ def fit(
     Under several ranks (vqprior.distributed) each rank steps on its share of every batch of the one schedule, the
     gradients, the loss and the stats are the whole batch's, `evaluate()` must return whole-set metrics (each rank
     scoring its share), and rank 0 alone prints, calls `on_epoch` and writes the checkpoint.
+    `optimizer`: adamw, or muon for a model with `hidden_matrices()` (vqprior.optimizers).
     """
     if p.batch_size < distributed.world():
         raise ParamsError(f"{desc}: train.batch_size {p.batch_size} is smaller than compute.procs {distributed.world()}; "
                           "every process needs at least one example of each batch")
-    opt = adamw(model, p)
+    opt = build_optimizer(model, p, optimizer)
     steps_per_epoch = max(1, train_size // p.batch_size)
     total = steps_per_epoch * p.epochs
     result, best_state, bad_epochs, start_epoch = FitResult(), None, 0, 0

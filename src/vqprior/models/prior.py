@@ -127,6 +127,10 @@ class Prior(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """The blocks' linear weights: what `train.optimizer: muon` orthogonalises (not embeddings or the head)."""
+        return [m.weight for block in self.blocks for m in block.modules() if isinstance(m, nn.Linear)]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
