@@ -74,9 +74,8 @@ def speeds(p, precision: str, steps: int) -> dict:
     pb = p.train_prior.train.batch_size
     codes = torch.randint(0, vocab, (pb, length))
     labels = torch.randint(0, 10, (pb,)) if p.train_prior.model.num_classes else None
-    train = p.train_prior.train
     out["prior_train"] = pb * length / timed(
-        train_step(prior, lambda m: m.loss(codes, labels)[0], precision, train, train.optimizer), steps)
+        train_step(prior, lambda m: m.loss(codes, labels)[0], precision, p.train_prior.train), steps)
     prior.eval()
     n = p.sample.batch_size
     sample_labels = torch.arange(n) % p.train_prior.model.num_classes if p.train_prior.model.num_classes else None

@@ -45,10 +45,11 @@ def autocast(precision: str):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def train_step(model, loss_fn, precision, train=None, optimizer="adamw"):
-    """One optimiser step on loss_fn(model) under `precision`: AdamW, or what a stage's `train` section names (the
-    prior's Muon orthogonalises every step, which a speed figure must include)."""
-    opt = build_optimizer(model, train, optimizer) if train is not None else torch.optim.AdamW(model.parameters())
+def train_step(model, loss_fn, precision, prior_train=None):
+    """One optimiser step on loss_fn(model) under `precision`: AdamW, or the optimiser the prior's `train` section
+    names (Muon orthogonalises every step, which a speed figure must include)."""
+    opt = (build_optimizer(model, prior_train, prior_train.optimizer) if prior_train is not None
+           else torch.optim.AdamW(model.parameters()))
 
     def step():
         with autocast(precision):
@@ -106,8 +107,7 @@ def prior_rows(p, precisions, args, length, vocab) -> list:
     rows, pb = [], p.train_prior.train.batch_size
     codes = torch.randint(0, vocab, (pb, length))
     priors = {precision: Prior(p.train_prior.model, vocab=vocab, length=length) for precision in precisions}
-    train = p.train_prior.train
-    steps = {precision: train_step(m, lambda m: m.loss(codes)[0], precision, train, train.optimizer)
+    steps = {precision: train_step(m, lambda m: m.loss(codes)[0], precision, p.train_prior.train)
              for precision, m in priors.items()}
     for precision, dt in interleaved(steps, args.steps, args.repeats).items():
         rows.append(("prior train", precision, f"batch {pb}", pb * length / dt, "tokens/s"))

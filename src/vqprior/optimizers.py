@@ -2,8 +2,9 @@
 
 Muon (Jordan et al., 2024) replaces each step of a weight matrix's Nesterov momentum by the nearest semi-orthogonal
 matrix, found by a few Newton-Schulz iterations, so every direction of the update moves at the same rate: the
-prior learns more per step at the same FLOPs, which is what a CPU's hour needs (docs/experiments.md). The update is scaled to the RMS of AdamW's (0.2 sqrt(max(rows, cols)), Liu et al., 2025), so
-one learning rate and weight decay serve both optimisers.
+prior learns more per step at the same FLOPs, which is what a CPU's hour needs (docs/experiments.md). The update is
+scaled to the RMS of AdamW's (0.2 sqrt(max(rows, cols)), Liu et al., 2025), so one learning rate and weight decay
+serve both optimisers.
 
 torch.optim.Muon exists but orthogonalises in bf16 whatever the hardware: on a CPU without native bf16 that emulated
 arithmetic costs more than the training step itself. Here the iterations run in fp32 everywhere, which costs about
@@ -91,10 +92,10 @@ class Optimizers:
             opt.load_state_dict(s)
 
 
-def adamw(params: list[tuple[str, torch.nn.Parameter]], p: TrainParams) -> torch.optim.AdamW:
+def adamw(weights: list[torch.nn.Parameter], p: TrainParams) -> torch.optim.AdamW:
     """Weight decay on matrices and conv kernels only; never on biases or norms."""
-    decay = [w for _, w in params if w.dim() >= 2]
-    no_decay = [w for _, w in params if w.dim() < 2]
+    decay = [w for w in weights if w.dim() >= 2]
+    no_decay = [w for w in weights if w.dim() < 2]
     groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
 
@@ -102,13 +103,13 @@ def adamw(params: list[tuple[str, torch.nn.Parameter]], p: TrainParams) -> torch
 def build_optimizer(model: torch.nn.Module, p: TrainParams, kind: str = "adamw"):
     """`kind` adamw: AdamW on every weight. muon: Muon on the weights the model names in `hidden_matrices()` (the
     Transformer blocks' linear layers), AdamW on the embeddings, the output head, biases and norms."""
-    params = [(n, w) for n, w in model.named_parameters() if w.requires_grad]
+    weights = [w for w in model.parameters() if w.requires_grad]
     if kind == "adamw":
-        return adamw(params, p)
+        return adamw(weights, p)
     if kind != "muon":
         raise ValueError(f"unknown optimizer {kind!r}: adamw | muon")
     if not hasattr(model, "hidden_matrices"):
         raise ValueError(f"optimizer muon needs a model naming its hidden matrices; {type(model).__name__} does not")
     hidden = {id(w) for w in model.hidden_matrices()}
-    muon = Muon([w for _, w in params if id(w) in hidden], lr=p.lr, weight_decay=p.weight_decay)
-    return Optimizers(adamw([(n, w) for n, w in params if id(w) not in hidden], p), muon)
+    muon = Muon([w for w in weights if id(w) in hidden], lr=p.lr, weight_decay=p.weight_decay)
+    return Optimizers(adamw([w for w in weights if id(w) not in hidden], p), muon)
