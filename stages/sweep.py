@@ -1,7 +1,8 @@
 """sweep: gather the scored grid points (stage `sweep_point`) into one table, plot it, and name the best point by FID.
 
 The point `sample` drew and `evaluate` scored is a row of the table too (marked `evaluate`), so the grid need not
-repeat it: the default grid holds only the points that differ from `sample`'s settings.
+repeat it. The default grid is empty (each point costs the Inception time of a sample set): the table then holds
+`evaluate`'s point alone, until params.yaml's `sweep` lists values.
 Writes metrics/sweep.json (the best point's `fid`, `precision`, `recall`), reports/sweep_detail.json (the same as
 `best_fid`, ..., its settings `best_temperature`, ..., and {"points": [...], "best": index, "criterion": ...}),
 plots/sweep.csv and reports/sweep.png
@@ -105,7 +106,8 @@ def main() -> None:
         run.log_metrics({f"best_{k}": v for k, v in points[best].items() if v is not None})
         for path in (*paths.REPORTS["sweep"], "plots/sweep.csv", "reports/sweep.png"):
             run.log_artifact(path)
-        print(f"sweep: {len(points)} points; best by FID: {describe(points[best])}")
+        grid_note = "" if grid(p.sweep) else " (params.yaml's sweep grid is empty)"
+        print(f"sweep: {len(points)} point(s){grid_note}; best by FID: {describe(points[best])}")
         for pt in points:
             print(f"  {describe(pt)}")
 

@@ -65,16 +65,21 @@ def test_dep_on_a_parent_folder_and_cycles(tmp_path):
         stage_order(cyclic)
 
 
-def test_select_keeps_dag_order_and_rejects_unknown_names(monkeypatch):
+def test_select_keeps_dag_order_and_rejects_unknown_names(monkeypatch, tmp_path):
     monkeypatch.chdir(REPO)
     assert select(["sample", "prepare"]) == ["prepare", "sample"]
     assert select(None)[0] == "prepare"
-    points = select(["sweep", "sweep_point"])  # a matrix stage's name selects all its points
-    grid = load_params(REPO / "params.yaml").sweep
-    size = len(grid.temperature) * len(grid.top_k) * len(grid.top_p) * len(grid.guidance)
-    assert points[-1] == "sweep" and len(points) == size + 1 and all(p.startswith("sweep_point@") for p in points[:-1])
     with pytest.raises(ValueError, match="nope"):
         select(["nope"])
+    # a matrix stage's name selects all its points (the default sweep grid is empty, so a grid of its own here)
+    _write_dvc_yaml(tmp_path, {
+        "point": {"matrix": {"t": [1.0, 0.9], "k": [0, 5]}, "cmd": "x", "deps": ["codes"],
+                  "outs": ["sweep/t${item.t}-k${item.k}"]},
+        "table": {"cmd": "x", "deps": ["sweep"]},
+        "codes": {"cmd": "x", "outs": ["codes"]},
+    })
+    monkeypatch.chdir(tmp_path)
+    assert select(["table", "point"]) == ["point@1.0-0", "point@1.0-5", "point@0.9-0", "point@0.9-5", "table"]
 
 
 def _runs(copy: Path):

@@ -100,7 +100,7 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert points[0]["fid"] == ev["fid"] and points[0]["precision"] == ev["precision"]
     assert [q["source"] for q in points] == ["evaluate", "sweep_point"]
     assert points[1]["fid"] != points[0]["fid"]  # top-k 20 of 64 codes changes the samples
-    assert sorted(d.name for d in (smoke_repo / "data/sweep").iterdir()) == ["t1.0-k20-p1.0-g1.0"]  # no repeat
+    assert sorted(d.name for d in (smoke_repo / "data/sweep").iterdir() if d.is_dir()) == ["t1.0-k20-p1.0-g1.0"]  # no repeat
     assert (smoke_repo / "plots/sweep.csv").read_text().splitlines()[0].startswith("temperature,top_k,top_p,guidance,fid")
     assert (smoke_repo / "reports/sweep.png").stat().st_size > 1000
 
@@ -156,6 +156,15 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert [q["guidance"] for q in points] == [1.0, 1.0, 3.0]
     guided, plain = (np.load(smoke_repo / f"data/sweep/t1.0-k20-p1.0-g{g}/images.npy") for g in ("3.0", "1.0"))
     assert guided.shape == images.shape and not np.array_equal(guided, plain)  # guidance changes the samples
+
+    # an empty grid (the default's): no sweep_point stage, the table holds evaluate's point alone
+    params.write_text(params.read_text().replace("temperature: [1.0]", "temperature: []"))
+    fourth = run([*DVC, "repro"], smoke_repo)
+    assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
+    assert [line.split("'")[1] for line in fourth.stdout.splitlines() if line.startswith("Running stage")] == ["sweep"]
+    assert "sweep grid is empty" in fourth.stdout
+    (only,) = stage_report(smoke_repo, "sweep")["points"]
+    assert only["source"] == "evaluate" and only["fid"] == ev["fid"]
 
 
 def test_dvc_metrics_show_is_one_screen_of_headline_numbers(smoke_repo):

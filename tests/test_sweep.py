@@ -43,6 +43,9 @@ def test_evaluate_point_is_a_row_unless_the_grid_repeats_it(tmp_path):
     _write_point(tmp_path, 1.0, 0, 1.0, fid=21.4)  # the grid holds the sample settings: no second row for them
     cfg = SweepParams(temperature=[1.0], top_k=[0], top_p=[1.0], guidance=[1.0, 1.5])
     assert [q["source"] for q in all_points(cfg, settings, tmp_path, sample, evaluate)] == ["sweep_point"] * 2
+    empty = SweepParams(temperature=[], top_k=[0], top_p=[1.0], guidance=[1.0])  # the default: no grid, no folders read
+    assert grid(empty) == [] and read_points(empty, tmp_path / "absent") == []
+    assert [(q["fid"], q["source"]) for q in all_points(empty, settings, tmp_path, sample, evaluate)] == [(21.5, "evaluate")]
 
 
 def test_a_missing_point_is_named(tmp_path):
@@ -54,7 +57,7 @@ def test_a_missing_point_is_named(tmp_path):
 @pytest.mark.parametrize("sweep, message", [
     ({"temperature": [1.0, 1.0]}, "temperature lists a value twice"),
     ({"top_p": [1.5]}, "sweep.top_p.0"),
-    ({"top_k": []}, "sweep.top_k"),
+    ({"top_k": [-1]}, "sweep.top_k.0"),
     ({"guidance": [-1.0]}, "sweep.guidance.0"),
 ])
 def test_bad_grids_fail_at_start_up(sweep, message):

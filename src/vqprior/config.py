@@ -167,12 +167,13 @@ class SampleParams(Section):
 
 class SweepParams(Section):
     """The sampling grid: every temperature x top_k x top_p x guidance point is sampled and scored (stages
-    sweep_point, sweep)."""
+    sweep_point, sweep). An empty list empties the grid: the sweep then holds `evaluate`'s point alone, and no
+    sweep_point stage exists (each point costs as much Inception time as one sample set)."""
 
-    temperature: list[Annotated[float, Field(gt=0)]] = Field(min_length=1)
-    top_k: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
-    top_p: list[Annotated[float, Field(gt=0, le=1)]] = Field(min_length=1)
-    guidance: list[Annotated[float, Field(ge=0)]] = Field(min_length=1)
+    temperature: list[Annotated[float, Field(gt=0)]]
+    top_k: list[Annotated[int, Field(ge=0)]]
+    top_p: list[Annotated[float, Field(gt=0, le=1)]]
+    guidance: list[Annotated[float, Field(ge=0)]]
 
     @model_validator(mode="after")
     def _no_repeats(self):
