@@ -4,7 +4,8 @@
     python -m stages.times --markdown
 
 A stage DVC skipped (its outputs were cached) has no new MLflow run, so each row is the latest run of that stage,
-and the date column says when it finished. Inception images are those the stage pushed through the network
+and the date column says when it finished. Only the stages dvc.yaml expands to now count: a sweep point since
+removed from the grid keeps its MLflow runs but no row. Inception images are those the stage pushed through the network
 (the metric `inception_images`); precision is the one the stage ran in.
 """
 from __future__ import annotations
@@ -44,6 +45,14 @@ def latest_stage_runs(experiment: str) -> list[dict]:
     return sorted(latest.values(), key=lambda r: r["start"])
 
 
+def dag_stages() -> set[str]:
+    """The names of the stages dvc.yaml expands to with today's params (`sweep_point@T-k-p-g`, one per grid point)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return {s.name for s in repo.index.stages if s.cmd}
+
+
 def table(rows: list[dict], markdown: bool = False) -> str:
     def cells(r):
         return [r["stage"], "" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}", r["status"],
@@ -65,7 +74,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
     args = parser.parse_args(argv)
-    rows = latest_stage_runs(load_params().tracking.experiment)
+    current = dag_stages()
+    rows = [r for r in latest_stage_runs(load_params().tracking.experiment) if r["stage"] in current]
     if not rows:
         raise SystemExit("times: no stage runs in the MLflow store yet; run `make run` first")
     print(table(rows, args.markdown))

@@ -165,6 +165,12 @@ def test_smoke_dag_end_to_end(smoke_repo):
     assert "sweep grid is empty" in fourth.stdout
     (only,) = stage_report(smoke_repo, "sweep")["points"]
     assert only["source"] == "evaluate" and only["fid"] == ev["fid"]
+    # the points that left the grid keep their MLflow runs, but `times` counts the stages of today's DAG only
+    times = run([sys.executable, "-m", "stages.times"], smoke_repo)
+    assert times.returncode == 0, times.stderr[-3000:]
+    _, *rows, total = times.stdout.splitlines()
+    assert sorted(r.split()[0] for r in rows) == sorted(s for s in STAGES if s not in POINTS)
+    assert total.split()[-1] == f"{400 + 400 + 400:,}"
 
 
 def test_dvc_metrics_show_is_one_screen_of_headline_numbers(smoke_repo):
