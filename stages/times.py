@@ -5,8 +5,8 @@
 
 A stage DVC skipped (its outputs were cached) has no new MLflow run, so each row is the latest run of that stage,
 and the date column says when it finished. Only the stages dvc.yaml expands to now count: a sweep point since
-removed from the grid keeps its MLflow runs but no row. Inception images are those the stage pushed through the network
-(the metric `inception_images`); precision is the one the stage ran in.
+removed from the grid keeps its MLflow runs but no row. Inception images are those the stage pushed through the
+network (the metric `inception_images`); precision is the one the stage ran in.
 """
 from __future__ import annotations
 
