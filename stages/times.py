@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from datetime import datetime
 
+from stages._dag import stage_order
 from stages._tracking import PRECISION_TAGS, ensure_experiment
 from vqprior.config import load_params
 
@@ -45,14 +46,6 @@ def latest_stage_runs(experiment: str) -> list[dict]:
     return sorted(latest.values(), key=lambda r: r["start"])
 
 
-def dag_stages() -> set[str]:
-    """The names of the stages dvc.yaml expands to with today's params (`sweep_point@T-k-p-g`, one per grid point)."""
-    from dvc.repo import Repo
-
-    with Repo(".") as repo:
-        return {s.name for s in repo.index.stages if s.cmd}
-
-
 def table(rows: list[dict], markdown: bool = False) -> str:
     def cells(r):
         return [r["stage"], "" if r["seconds"] is None else f"{r['seconds'] / 60:.1f}", r["status"],
@@ -74,7 +67,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--markdown", action="store_true", help="a Markdown table (as in the README)")
     args = parser.parse_args(argv)
-    current = dag_stages()
+    current = set(stage_order())  # today's grid: a removed sweep point's old runs do not count
     rows = [r for r in latest_stage_runs(load_params().tracking.experiment) if r["stage"] in current]
     if not rows:
         raise SystemExit("times: no stage runs in the MLflow store yet; run `make run` first")

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import copy_repo, run
 from flows.experiment import expand_grid
-from flows.pipeline import select, stage_order
+from stages._dag import select, stage_order
 from vqprior.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
