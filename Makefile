@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install data flow dag metrics times promote services services-stop postgres
+.PHONY: run test install constraints data flow dag metrics times promote services services-stop postgres
 
 run: install data ## the whole DAG with params.yaml, then where its time went
 	$(BIN)/dvc repro
@@ -30,7 +30,7 @@ install: $(VENV)/.installed
 # "[Errno 28] No space left on device" deep in its log, so say it first, counting what the venv already holds.
 VENV_GB ?= 7
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@have_kb=$$(du -sk $(VENV) 2>/dev/null | cut -f1); \
 	free_kb=$$(df -Pk . | awk 'NR == 2 {print $$4}'); \
 	need_kb=$$(( $(VENV_GB) * 1048576 - $${have_kb:-0} )); \
@@ -40,8 +40,18 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
+
+# constraints.txt pins every library to the versions the committed results were made with; this re-resolves them
+# from pyproject.toml's ranges (newest that fit) and writes the new pins: commit them with the run that used them.
+constraints:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	touch $(VENV)/.installed
 
 # Fashion-MNIST from Debian's package where apt-get exists; elsewhere the prepare stage downloads it.
 data:
