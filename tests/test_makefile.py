@@ -8,7 +8,8 @@ from conftest import ROOT, run
 def make_install(folder: Path, *overrides: str):
     """`make install` with the project's Makefile in an otherwise empty project folder."""
     shutil.copy(ROOT / "Makefile", folder / "Makefile")
-    (folder / "pyproject.toml").write_text("")
+    for prerequisite in ("pyproject.toml", "constraints.txt"):  # the venv's recipe depends on both
+        (folder / prerequisite).write_text("")
     return run(["make", "install", *overrides], folder, timeout=60)
 
 
