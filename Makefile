@@ -45,9 +45,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # constraints.txt pins every library to the versions the committed results were made with; this re-resolves them
 # from pyproject.toml's ranges (newest that fit) and writes the new pins: commit them with the run that used them.
-constraints:
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+constraints: install
 	$(BIN)/python -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
 	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable; } > constraints.txt.tmp
 	mv constraints.txt.tmp constraints.txt
