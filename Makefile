@@ -12,7 +12,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
 
-.PHONY: run test install constraints data flow dag metrics times promote services services-stop postgres
+.PHONY: run test install constraints data flow dag metrics times promote push services services-stop postgres
 
 run: install data ## the whole DAG with params.yaml, then where its time went
 	$(BIN)/dvc repro
@@ -69,6 +69,9 @@ times: install ## the last run's minutes per stage (MLflow run times), precision
 
 promote: install ## move the registered generator's `champion` alias to the latest version if its FID is better
 	$(BIN)/python -m stages.promote
+
+push: install ## outputs, run records and every file they name to the DVC remote (docs/team.md)
+	$(BIN)/python -m stages.push_runs
 
 # The team set-up (docs/team.md): PostgreSQL, an MLflow server on it serving the artifacts, a Prefect server on it, all
 # on 127.0.0.1 (ports, folders, login: services/config.env). Then: eval "$(services/services.sh env)"
