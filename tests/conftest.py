@@ -94,6 +94,11 @@ def run_ok(cmd: list[str], cwd: Path, env: dict | None = None) -> subprocess.Com
     return done
 
 
+def stages_run(done: subprocess.CompletedProcess) -> list[str]:
+    """The stages a `dvc repro` / `dvc exp run` ran, in its order (its "Running stage '...'" lines)."""
+    return [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")]
+
+
 def run_dvc_queue(repo: Path, env: dict | None = None, jobs: int = 2, timeout: float = 600) -> str:
     """`dvc queue start -j jobs`, then `dvc queue status` until nothing is queued or running: that last status.
     The queue's workers are stopped afterwards, since DVC can leave one running for good (docs/team.md)."""

@@ -8,16 +8,12 @@ import sys
 import pytest
 import yaml
 
-from conftest import DVC, GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok
+from conftest import DVC, GIT_ENV, ROOT, copy_repo, require_fashion_mnist, run, run_dvc_queue, run_ok, stages_run
 from test_faults import tiny_params
 
 
 def dvc(repo, *args) -> subprocess.CompletedProcess:
     return run_ok([*DVC, *args], repo)
-
-
-def ran(done: subprocess.CompletedProcess) -> list[str]:
-    return [line.split("'")[1] for line in done.stdout.splitlines() if line.startswith("Running stage")]
 
 
 def test_the_project_has_a_default_remote_beside_it():
@@ -35,7 +31,7 @@ def first(tmp_path_factory):
     repo = copy_repo(base / "first")
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params()))
     dvc(repo, "remote", "modify", "--local", "storage", "url", str(base / "remote"))
-    assert ran(dvc(repo, "repro", "train_prior")) == ["prepare", "train_vqvae", "extract_codes", "train_prior"]
+    assert stages_run(dvc(repo, "repro", "train_prior")) == ["prepare", "train_vqvae", "extract_codes", "train_prior"]
     env = {**os.environ, **GIT_ENV}
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "ran"], cwd=repo, check=True, env=env)
@@ -54,7 +50,7 @@ def test_a_second_clone_pulls_the_outputs_and_runs_nothing(first, tmp_path):
     second = clone(first, tmp_path / "second")
     dvc(second, "pull", "--run-cache", "--with-deps", "train_prior")
     assert "Data and pipelines are up to date." in dvc(second, "status", "train_prior").stdout
-    assert ran(dvc(second, "repro", "train_prior")) == []
+    assert stages_run(dvc(second, "repro", "train_prior")) == []
     assert (second / "models/prior.pt").read_bytes() == (first / "models/prior.pt").read_bytes()
 
 
@@ -98,7 +94,7 @@ def test_another_clone_restores_an_experiment_from_the_run_cache_instead_of_runn
     params["train_prior"]["train"]["lr"] = queued["lr-high"]
     (second / "params.yaml").write_text(yaml.safe_dump(params))
     done = dvc(second, "repro", "--pull", "train_prior")
-    assert ran(done) == [], done.stdout
+    assert stages_run(done) == [], done.stdout
     assert "Stage 'train_prior' is cached - skipping run" in done.stdout
     restored = json.loads((second / "metrics/train_prior.json").read_text())
     assert restored == pytest.approx(experiment_metrics(first)["lr-high"])

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from conftest import DVC, run, stage_report
+from conftest import DVC, run, stage_report, stages_run
 
 # profiles/smoke.yaml's sweep grid: temperature [1.0] x top_k [20] x top_p [1.0] x guidance [1.0]; the sample
 # settings' own point (top_k 0) is evaluate's, a row of the sweep's table without a stage of its own
@@ -150,8 +150,7 @@ def test_smoke_dag_end_to_end(smoke_repo):
     params.write_text(params.read_text().replace("guidance: [1.0]", "guidance: [1.0, 3.0]"))
     third = run([*DVC, "repro", "sweep"], smoke_repo)
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
-    ran = sorted(line.split("'")[1] for line in third.stdout.splitlines() if line.startswith("Running stage"))
-    assert ran == ["sweep", "sweep_point@1.0-20-1.0-3.0"]
+    assert sorted(stages_run(third)) == ["sweep", "sweep_point@1.0-20-1.0-3.0"]
     points = stage_report(smoke_repo, "sweep")["points"]
     assert [q["guidance"] for q in points] == [1.0, 1.0, 3.0]
     guided, plain = (np.load(smoke_repo / f"data/sweep/t1.0-k20-p1.0-g{g}/images.npy") for g in ("3.0", "1.0"))
@@ -161,7 +160,7 @@ def test_smoke_dag_end_to_end(smoke_repo):
     params.write_text(params.read_text().replace("temperature: [1.0]", "temperature: []"))
     fourth = run([*DVC, "repro"], smoke_repo)
     assert fourth.returncode == 0, fourth.stdout[-3000:] + fourth.stderr[-3000:]
-    assert [line.split("'")[1] for line in fourth.stdout.splitlines() if line.startswith("Running stage")] == ["sweep"]
+    assert stages_run(fourth) == ["sweep"]
     assert "sweep grid is empty" in fourth.stdout
     (only,) = stage_report(smoke_repo, "sweep")["points"]
     assert only["source"] == "evaluate" and only["fid"] == ev["fid"]
@@ -193,9 +192,8 @@ def test_dvc_experiment_with_a_set_param(smoke_repo):
     baseline = json.loads((smoke_repo / "metrics/evaluate.json").read_text())["fid"]
     exp = run([*DVC, "exp", "run", "-n", "hot", "-S", "sample.temperature=1.3"], smoke_repo)
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
-    ran = sorted(line.split("'")[1] for line in exp.stdout.splitlines() if line.startswith("Running stage"))
     # the sweep points take their temperature from the grid, not `sample`; only the table's evaluate row changes
-    assert ran == ["evaluate", "sample", "sweep"]
+    assert sorted(stages_run(exp)) == ["evaluate", "sample", "sweep"]
 
     shown = run([*DVC, "exp", "show", "--json"], smoke_repo)
     assert shown.returncode == 0, shown.stderr[-3000:]

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import DVC, copy_repo, require_fashion_mnist, run, subprocess_env, wait_until
+from conftest import DVC, copy_repo, require_fashion_mnist, run, stages_run, subprocess_env, wait_until
 from test_faults import tiny_params
 
 EPOCHS = 4
@@ -120,7 +120,7 @@ def test_sigkill_under_dvc_repro_then_dvc_repro_ends_as_uninterrupted(dvc_projec
 
     again = run([*DVC, "repro", "train_prior"], repo)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert [line.split("'")[1] for line in again.stdout.splitlines() if line.startswith("Running stage")] == [stage], again.stdout
+    assert stages_run(again) == [stage], again.stdout
     assert _data_and_model_hashes(repo) == uninterrupted
     status = run([*DVC, "status", "train_prior"], repo)
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
